@@ -1,0 +1,52 @@
+"""Raw system calls that the C library does not wrap (x86_64 numbers).
+
+Every caller raises OSError with the kernel's errno, so a layer that cannot
+be applied says why.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+
+# arch/x86/entry/syscalls/syscall_64.tbl
+NR = {
+    "seccomp": 317,
+    "pidfd_open": 434,
+    "pidfd_send_signal": 424,
+    "pidfd_getfd": 438,
+    "landlock_create_ruleset": 444,
+    "landlock_add_rule": 445,
+    "landlock_restrict_self": 446,
+    "bpf": 321,
+    "perf_event_open": 298,
+    "io_uring_setup": 425,
+    "getppid": 110,
+    "mount": 165,
+    "unshare": 272,
+}
+
+
+def syscall(name: str, *args) -> int:
+    """Call syscall `name`; return its result or raise OSError(errno)."""
+    res = _syscall(ctypes.c_long(NR[name]), *args)
+    if res < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{name}: {os.strerror(err)}")
+    return res
+
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+    res = _libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(arg3),
+                      ctypes.c_ulong(arg4), ctypes.c_ulong(arg5))
+    if res < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl({option}): {os.strerror(err)}")
+    return res
+
+
+PR_SET_NO_NEW_PRIVS = 38
+PR_GET_SECCOMP = 21
