@@ -1,0 +1,439 @@
+"""One cgroup per running skill instance: membership, limits, kill.
+
+Layout: `<mount>/skillguard/<skill>/<instance>` in the cgroup v2 hierarchy
+and, on hybrid hosts, in each v1 hierarchy that has to hold a limit. A limit
+goes through v2 when the v2 root offers its controller, else through the v1
+hierarchy of that controller. A limit that was asked for and can be applied
+nowhere makes `create` raise `CgroupError` (fail closed).
+
+Kernel references: Documentation/admin-guide/cgroup-v2.rst,
+Documentation/admin-guide/cgroup-v1/{memory,pids,freezer-subsystem}.rst,
+Documentation/scheduler/sched-bwc.rst.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import signal
+import time
+from pathlib import Path
+from typing import Optional
+
+from agent.compile.rlimits import Limits
+
+ROOT_NAME = "skillguard"
+CPU_PERIOD_US = 100_000
+CPU_MIN_QUOTA_US = 1_000  # the kernel refuses smaller CFS quotas (sched-bwc.rst)
+LIMITED_CONTROLLERS = ("memory", "pids", "cpu")
+_NAME_MAX = 64
+_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+class CgroupError(RuntimeError):
+    """A cgroup step failed; names the controller (or "cgroup") and why."""
+
+    def __init__(self, controller: str, reason: str):
+        super().__init__(f"cgroup {controller}: {reason}")
+        self.controller = controller
+        self.reason = reason
+
+
+# ---- pure conversions ------------------------------------------------------
+
+def cpu_quota_us(cpu: float, period_us: int = CPU_PERIOD_US) -> int:
+    """CPUs' worth of time -> CFS quota per period, at least the kernel minimum."""
+    return max(CPU_MIN_QUOTA_US, round(cpu * period_us))
+
+
+def v2_limit_files(limits: Limits, controller: str) -> list[tuple[str, str]]:
+    """(file, value) pairs that set `controller`'s limit in a v2 cgroup, in order."""
+    value = limits.value_for(controller)
+    if value is None:
+        return []
+    if controller == "memory":
+        # memory.swap.max 0: the limit is on all memory; a skill cannot spill
+        # into swap. Written only when the file exists (swap accounting on).
+        return [("memory.max", str(value)), ("memory.swap.max", "0")]
+    if controller == "cpu":
+        return [("cpu.max", f"{cpu_quota_us(value)} {CPU_PERIOD_US}")]
+    if controller == "pids":
+        return [("pids.max", str(value))]
+    raise ValueError(controller)
+
+
+def v1_limit_files(limits: Limits, controller: str) -> list[tuple[str, str]]:
+    """(file, value) pairs that set `controller`'s limit in a v1 cgroup, in order.
+
+    memory: memsw (memory+swap) gets the same value as the memory limit, so the
+    limit covers swap too; it must be written after memory.limit_in_bytes
+    because the kernel requires memsw >= memory (cgroup-v1/memory.rst 2.5).
+    cpu: the period is written before the quota.
+    """
+    value = limits.value_for(controller)
+    if value is None:
+        return []
+    if controller == "memory":
+        return [("memory.limit_in_bytes", str(value)),
+                ("memory.memsw.limit_in_bytes", str(value))]
+    if controller == "cpu":
+        return [("cpu.cfs_period_us", str(CPU_PERIOD_US)),
+                ("cpu.cfs_quota_us", str(cpu_quota_us(value)))]
+    if controller == "pids":
+        return [("pids.max", str(value))]
+    raise ValueError(controller)
+
+
+OPTIONAL_LIMIT_FILES = {"memory.swap.max", "memory.memsw.limit_in_bytes"}
+
+
+def safe_name(name: str) -> str:
+    """A directory name for `name`: unsafe characters become `_`; when that
+    changed anything (or the name is too long) a short hash of the original
+    keeps distinct names distinct."""
+    cleaned = _UNSAFE_NAME_CHARS.sub("_", name).lstrip(".")
+    if cleaned == name and 0 < len(name) <= _NAME_MAX:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:10]
+    return f"{cleaned[:_NAME_MAX] or 'x'}-{digest}"
+
+
+def parse_flat_keyed(text: str) -> dict[str, int]:
+    """Parse `key value` lines (memory.events, pids.events, cpu.stat, ...)."""
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+            out[parts[0]] = int(parts[1])
+    return out
+
+
+# ---- file helpers ----------------------------------------------------------
+
+def _write(path: Path, value: str, controller: str) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.write(fd, value.encode())
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise CgroupError(controller, f"writing {value!r} to {path}: {e.strerror}") from e
+
+
+def _read(path: Path) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _read_pids(procs_file: Path) -> list[int]:
+    try:
+        return [int(x) for x in _read(procs_file).split()]
+    except FileNotFoundError:
+        return []
+
+
+def _mkdir_path(mount: Path, parts: tuple[str, ...], controller: str,
+                created: list[Path]) -> Path:
+    """mkdir every level under `mount`, appending new ones to `created`.
+    The leaf must be new: an instance name is unique per launch."""
+    # A concurrent remove() of a sibling instance may rmdir a shared parent
+    # between our mkdir of it and of its child: start over on ENOENT.
+    for _ in range(5):
+        path = mount
+        try:
+            for i, part in enumerate(parts):
+                path = path / part
+                try:
+                    os.mkdir(path, 0o755)
+                    created.append(path)
+                except FileExistsError:
+                    if i == len(parts) - 1:
+                        raise CgroupError(controller, f"{path} already exists") from None
+            return path
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise CgroupError(controller, f"mkdir {path}: {e.strerror}") from e
+    raise CgroupError(controller, f"mkdir {path}: a parent keeps vanishing")
+
+
+def _mounts():
+    from agent.enforce.cgroupfs import cgroup_mounts  # lazy: keeps import light
+    return cgroup_mounts()
+
+
+# ---- the cgroup ------------------------------------------------------------
+
+class SkillCgroup:
+    """The cgroup(s) of one running skill instance."""
+
+    def __init__(self, v2_path: Optional[Path], v1_paths: dict[str, Path],
+                 applied: dict[str, str], cgroup_id: Optional[int]):
+        self.v2_path = v2_path
+        self.v1_paths = dict(v1_paths)
+        self.id = cgroup_id  # inode of the v2 directory (cgroup id); None without v2
+        self._applied = dict(applied)
+        # Precomputed so that add() in a forked child only opens and writes.
+        self._procs_files = [p / "cgroup.procs" for p in self._all_dirs()]
+
+    # -- creation --
+
+    @classmethod
+    def create(cls, skill: str, instance: str, limits: Limits, mounts=None) -> "SkillCgroup":
+        mounts = mounts if mounts is not None else _mounts()
+        parts = (ROOT_NAME, safe_name(skill), safe_name(str(instance)))
+        created: list[Path] = []
+        try:
+            return cls._create(parts, limits, mounts, created)
+        except BaseException:
+            for path in reversed(created):
+                try:
+                    os.rmdir(path)
+                except OSError:
+                    pass
+            raise
+
+    @classmethod
+    def _create(cls, parts, limits: Limits, mounts, created: list[Path]) -> "SkillCgroup":
+        v2_mount: Optional[Path] = mounts.v2
+        v2_offered = set()
+        if v2_mount is not None:
+            v2_offered = set(_read(v2_mount / "cgroup.controllers").split())
+        placement: dict[str, str] = {}
+        for ctrl in LIMITED_CONTROLLERS:
+            if ctrl in v2_offered:
+                placement[ctrl] = "v2"
+            elif ctrl in mounts.v1:
+                placement[ctrl] = "v1"
+            elif limits.requested(ctrl):
+                raise CgroupError(ctrl, "controller is neither offered by cgroup v2 "
+                                        f"({v2_mount}) nor mounted as a v1 hierarchy")
+            else:
+                placement[ctrl] = "not requested"
+
+        v2_path = None
+        if v2_mount is not None:
+            v2_ctrls = sorted(c for c, p in placement.items() if p == "v2" and limits.requested(c))
+            v2_path = cls._make_v2(v2_mount, parts, v2_ctrls, created)
+            for ctrl in v2_ctrls:
+                cls._write_limits(v2_path, v2_limit_files(limits, ctrl), ctrl)
+
+        v1_paths: dict[str, Path] = {}
+        for ctrl in LIMITED_CONTROLLERS:
+            if placement[ctrl] == "v1" and limits.requested(ctrl):
+                v1_paths[ctrl] = _mkdir_path(mounts.v1[ctrl], parts, ctrl, created)
+                cls._write_limits(v1_paths[ctrl], v1_limit_files(limits, ctrl), ctrl)
+        # Without v2 `cgroup.freeze` (< 5.2, or no v2), kill() needs the v1
+        # freezer to stop forks while it signals.
+        if v2_path is None or not (v2_path / "cgroup.freeze").exists():
+            if "freezer" not in mounts.v1:
+                raise CgroupError("freezer", "no cgroup v2 cgroup.freeze and no "
+                                             "v1 freezer hierarchy: a skill could not be killed reliably")
+            v1_paths["freezer"] = _mkdir_path(mounts.v1["freezer"], parts, "freezer", created)
+
+        applied = {c: (placement[c] if limits.requested(c) else "not requested")
+                   for c in LIMITED_CONTROLLERS}
+        # The kernfs inode number is the cgroup id that bpf_get_current_cgroup_id()
+        # returns (fs/kernfs: ino = kn->id on 64-bit).
+        cgroup_id = os.stat(v2_path).st_ino if v2_path is not None else None
+        return cls(v2_path, v1_paths, applied, cgroup_id)
+
+    @staticmethod
+    def _make_v2(mount: Path, parts, ctrls: list[str], created: list[Path]) -> Path:
+        leaf = _mkdir_path(mount, parts, "cgroup", created)
+        if ctrls:
+            # Enable the controllers top-down for the children of each level
+            # (cgroup-v2.rst "Enabling and Disabling"); the root is exempt
+            # from the no-internal-process rule and our levels hold none.
+            level = mount
+            for part in parts:
+                _enable_subtree(level, ctrls)
+                level = level / part
+        return leaf
+
+    @staticmethod
+    def _write_limits(path: Path, pairs: list[tuple[str, str]], ctrl: str) -> None:
+        for name, value in pairs:
+            target = path / name
+            if name in OPTIONAL_LIMIT_FILES and not target.exists():
+                continue
+            _write(target, value, ctrl)
+
+    # -- membership --
+
+    def _all_dirs(self) -> list[Path]:
+        dirs = list(self.v1_paths.values())
+        if self.v2_path is not None:
+            dirs.append(self.v2_path)
+        return dirs
+
+    def add(self, pid: int) -> None:
+        """Move process `pid` (all its threads) into every hierarchy.
+
+        Safe in a forked child before exec: only open/write/close.
+        """
+        data = str(pid).encode()
+        for procs in self._procs_files:
+            try:
+                fd = os.open(procs, os.O_WRONLY)
+                try:
+                    os.write(fd, data)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                raise CgroupError("cgroup", f"moving pid {pid} into {procs}: {e.strerror}") from e
+
+    def pids(self) -> list[int]:
+        """Member processes (tgids), from every hierarchy, sorted."""
+        members: set[int] = set()
+        for procs in self._procs_files:
+            members.update(_read_pids(procs))
+        return sorted(members)
+
+    def limits_applied(self) -> dict[str, str]:
+        """controller -> "v2" | "v1" | "not requested". A requested limit that
+        could not be applied never gets here: create() raised instead."""
+        return dict(self._applied)
+
+    # -- counters --
+
+    def memory_events(self) -> dict[str, int]:
+        """{"oom": OOM events, "oom_kill": processes the OOM killer killed},
+        plus "max" (times usage hit the limit) where the kernel counts it.
+
+        v1 has no OOM-event counter separate from kills, so there "oom" equals
+        "oom_kill" (cgroup-v1/memory.rst, memory.oom_control). v1 gets no "max":
+        memory.failcnt misses every hit once memsw holds the same limit, since
+        the memsw counter is charged first and does not track failures
+        (mm/memcontrol.c: `memory.track_failcnt = !memcg_on_dfl` only).
+        """
+        where = self._applied["memory"]
+        if where == "v2":
+            ev = parse_flat_keyed(_read(self.v2_path / "memory.events"))
+            return {"max": ev.get("max", 0), "oom": ev.get("oom", 0),
+                    "oom_kill": ev.get("oom_kill", 0)}
+        if where == "v1":
+            ctl = parse_flat_keyed(_read(self.v1_paths["memory"] / "memory.oom_control"))
+            kills = ctl.get("oom_kill", 0)
+            return {"oom": kills, "oom_kill": kills}
+        return {"oom": 0, "oom_kill": 0}
+
+    def pids_events(self) -> int:
+        """How many forks the pids limit refused ("max" in pids.events)."""
+        where = self._applied["pids"]
+        if where == "v2":
+            return parse_flat_keyed(_read(self.v2_path / "pids.events")).get("max", 0)
+        if where == "v1":
+            return parse_flat_keyed(_read(self.v1_paths["pids"] / "pids.events")).get("max", 0)
+        return 0
+
+    def cpu_stat(self) -> dict[str, int]:
+        """CPU use and throttling: usage_usec (v2 cpu.stat, kept even without the
+        cpu controller) merged with nr_periods/nr_throttled/throttled_* from
+        wherever the cpu limit lives."""
+        stat: dict[str, int] = {}
+        if self.v2_path is not None:
+            stat.update(parse_flat_keyed(_read(self.v2_path / "cpu.stat")))
+        if self._applied["cpu"] == "v1":
+            stat.update(parse_flat_keyed(_read(self.v1_paths["cpu"] / "cpu.stat")))
+        return stat
+
+    # -- teardown --
+
+    def kill(self, timeout: float = 5.0) -> None:
+        """SIGKILL every member and wait until the cgroup is empty.
+
+        v2 `cgroup.kill` (>= 5.14) kills atomically, forks included. Without it,
+        freeze, signal every member, thaw, repeat until empty.
+        """
+        if self.v2_path is not None and (self.v2_path / "cgroup.kill").exists():
+            _write(self.v2_path / "cgroup.kill", "1", "cgroup")
+            # Members added to a v1 hierarchy only (should not happen): signal them.
+            if not self._wait_empty(timeout):
+                self._kill_with_signals(timeout)
+        else:
+            self._kill_with_signals(timeout)
+
+    def _freeze_file(self) -> tuple[Path, str, str]:
+        if self.v2_path is not None and (self.v2_path / "cgroup.freeze").exists():
+            return self.v2_path / "cgroup.freeze", "1", "0"
+        if "freezer" in self.v1_paths:
+            return self.v1_paths["freezer"] / "freezer.state", "FROZEN", "THAWED"
+        raise CgroupError("freezer", "no v2 cgroup.freeze and no v1 freezer to stop forks while killing")
+
+    def _kill_with_signals(self, timeout: float = 5.0) -> None:
+        """Freeze so nothing forks between listing and signalling, SIGKILL each
+        member, thaw so the v1 freezer lets the dying tasks exit; repeat."""
+        if not self.pids():
+            return
+        freeze_file, frozen, thawed = self._freeze_file()
+        deadline = time.monotonic() + timeout
+        while True:
+            members = self.pids()
+            if not members:
+                return
+            if time.monotonic() > deadline:
+                raise CgroupError("cgroup", f"members {members} still alive after {timeout}s of SIGKILL")
+            _write(freeze_file, frozen, "freezer")
+            try:
+                for pid in self.pids():
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            finally:
+                _write(freeze_file, thawed, "freezer")
+            self._wait_empty(0.2)
+
+    def _wait_empty(self, timeout: float) -> bool:
+        # SIGKILLed tasks leave cgroup.procs once they reach do_exit; zombies are
+        # not listed (kernel/cgroup/cgroup.c css_task_iter_advance).
+        deadline = time.monotonic() + timeout
+        delay = 0.001
+        while self.pids():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        return True
+
+    def remove(self) -> None:
+        """Kill members if any, then rmdir the instance directory everywhere and
+        the skill's directory where it is left empty. Idempotent."""
+        if self.pids():
+            self.kill()
+        for path in self._all_dirs():
+            _rmdir_retrying(path)
+            try:
+                os.rmdir(path.parent)  # the skill level; other instances keep it busy
+            except OSError as e:
+                if e.errno not in (errno.ENOENT, errno.ENOTEMPTY, errno.EBUSY):
+                    raise CgroupError("cgroup", f"rmdir {path.parent}: {e.strerror}") from e
+
+    def __repr__(self) -> str:
+        return f"SkillCgroup(v2={self.v2_path}, v1={self.v1_paths}, id={self.id})"
+
+
+def _rmdir_retrying(path: Path, timeout: float = 2.0) -> None:
+    # rmdir returns EBUSY while a just-killed task is still leaving the cgroup.
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise CgroupError("cgroup", f"rmdir {path}: {e.strerror}") from e
+            time.sleep(0.01)
+
+
+def _enable_subtree(path: Path, ctrls: list[str]) -> None:
+    current = set(_read(path / "cgroup.subtree_control").split())
+    missing = [c for c in ctrls if c not in current]
+    if missing:
+        _write(path / "cgroup.subtree_control", " ".join("+" + c for c in missing),
+               ",".join(missing))
