@@ -1,0 +1,100 @@
+"""`skillguard` command line. Heavy modules are imported by the command that needs them."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from agent.manifest import load_manifest
+
+    failed = 0
+    names: dict[str, str] = {}
+    for path in args.files:
+        result = load_manifest(path)
+        for line in result.format(result.warnings, "warning"):
+            print(line, file=sys.stderr)
+        for line in result.format(result.errors, "error"):
+            print(line, file=sys.stderr)
+        if result.ok and result.policy.name in names:
+            print(f"{path}:1:1: error: name: skill '{result.policy.name}' is already defined "
+                  f"by {names[result.policy.name]}", file=sys.stderr)
+            failed += 1
+        elif result.ok:
+            names[result.policy.name] = path
+            print(f"{path}: ok ({result.policy.name} {result.policy.version}, "
+                  f"{len(result.warnings)} warning{'s' * (len(result.warnings) != 1)})")
+        else:
+            failed += 1
+    return 1 if failed else 0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from agent.compile import compile_policy
+    from agent.compile import report
+    from agent.manifest import load_manifest
+
+    result = load_manifest(args.file)
+    for line in result.format(result.warnings, "warning"):
+        print(line, file=sys.stderr)
+    if not result.ok:
+        for line in result.format(result.errors, "error"):
+            print(line, file=sys.stderr)
+        return 1
+    try:
+        artifacts = compile_policy(result.policy)
+    except ValueError as exc:
+        print(f"{args.file}: error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        import json
+
+        print(json.dumps(report.to_dict(artifacts), indent=2, sort_keys=True))
+    else:
+        sys.stdout.write(report.to_text(artifacts))
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from agent import doctor
+
+    probes = doctor.run_probes()
+    print(doctor.to_json(probes) if args.json else doctor.render_text(probes))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from agent import __version__
+
+    parser = argparse.ArgumentParser(prog="skillguard",
+                                     description="Kernel-enforced permission manifests for AI-agent skills.")
+    parser.add_argument("--version", action="version", version=f"skillguard {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check manifests; print every error and warning")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("compile", help="show what a manifest becomes: seccomp, Landlock, network, env, limits")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("doctor", help="probe which kernel layers work on this host, and why not")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_doctor)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
