@@ -60,7 +60,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     probes = doctor.run_probes()
     print(doctor.to_json(probes) if args.json else doctor.render_text(probes))
-    return 0
+    # Optional layers (BPF-LSM, fentry, ...) may be missing; required ones may not.
+    return 1 if any(doctor.status_word(p) == "FAIL" for p in probes) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
