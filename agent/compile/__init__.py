@@ -40,11 +40,10 @@ def compile_policy(policy: Policy, *, deny_action: Optional[str] = None,
     if deny_action is None:
         deny_action = "log" if policy.mode == "audit" else "errno"
     plan = compile_network(policy)
-    exec_paths = policy.entrypoint[:1]
     return Artifacts(
         policy=policy,
         seccomp=compile_seccomp(policy, deny_action=deny_action),
-        landlock=compile_landlock(policy, state_dir=state_dir, exec_paths=exec_paths),
+        landlock=compile_landlock(policy, state_dir=state_dir),
         network=plan,
         nft=nft_ruleset(plan),
         limits=compile_limits(policy.resources),

@@ -134,6 +134,25 @@ def _overlaps(path: str, protected: str) -> bool:
     return _is_within(path, protected) or _is_within(protected, path)
 
 
+def private_path_reached(pattern: str, base: Optional["BaseProfile"] = None) -> Optional[str]:
+    """The agent-private path a manifest grant on `pattern` would reach, if any.
+
+    For the loader, so that `validate` refuses what compilation would: a
+    pattern reaches a private path when it matches it or one of its parents,
+    or when its literal (glob-free) prefix lies inside it.
+    """
+    from agent.manifest.glob import match_path
+
+    base = base if base is not None else default_base_profile()
+    literal = "/" + "/".join(p for p in pattern.split("/")[1:] if p).split("*", 1)[0].rstrip("/")
+    literal = literal.rsplit("/", 1)[0] if "*" in pattern else literal
+    for private in base.agent_private:
+        ancestors = [private] + [private.rsplit("/", i)[0] or "/" for i in range(1, private.count("/") + 1)]
+        if any(match_path(pattern, a) for a in ancestors) or (literal and _is_within(literal or "/", private)):
+            return private
+    return None
+
+
 def _scandir_subdirs(path: str) -> list[str]:
     """Names of real (non-symlink) directories in `path`; [] if unreadable."""
     try:

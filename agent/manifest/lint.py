@@ -13,7 +13,7 @@ SYSTEM_DIRS = ("/", "/etc", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64",
 # rw anywhere below these changes what every program on the host runs or sees.
 SYSTEM_TREES = ("/etc", "/usr", "/boot", "/proc", "/sys", "/dev", "/bin", "/sbin",
                 "/lib", "/lib32", "/lib64", "/libx32")
-SECRET_DIRS = ("/", "/etc", "/root", "/home", "/var", "/run", "/var/lib/skillguard", "/etc/skillguard")
+SECRET_DIRS = ("/root", "/home")  # grants reaching agent-private paths are load errors
 # Programs that run whatever they are handed: a rule admitting them admits anything.
 RUNS_ANYTHING = frozenset({
     "sh", "bash", "dash", "zsh", "ksh", "mksh", "fish", "csh", "tcsh", "busybox",

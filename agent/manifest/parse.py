@@ -368,7 +368,13 @@ def _fs(c: Checker, v: Optional[Value]) -> FsPolicy:
     seen: dict[str, str] = {}
 
     def item(text: str, sub: Value, name: str) -> Optional[DirGrant]:
+        from agent.compile.landlock import private_path_reached
+
         grant = dir_grant(c, text, sub, name)
+        private = private_path_reached(grant.pattern) if grant else None
+        if private:
+            c.error(sub, name, f"'{grant.pattern}' would reach {private}, which no skill may access")
+            return None
         if grant and grant.pattern in seen:
             c.error(sub, name, f"'{grant.pattern}' is already granted by {seen[grant.pattern]}")
             return None
@@ -438,10 +444,10 @@ def _resources(c: Checker, v: Optional[Value]) -> Resources:
 def _syscalls(c: Checker, v: Optional[Value]) -> SyscallOverrides:
     if v is None:
         return SyscallOverrides()
-    from agent.compile.seccomp import always_denied
+    from agent.compile.seccomp import always_denied, not_allowable
 
     entries = c.mapping(v, "syscalls", ("allow", "deny"))
-    hard = always_denied()
+    hard, checked = always_denied(), not_allowable()
     denied_names = set()
     if entries.get("deny") is not None and isinstance(entries["deny"].data, list):
         denied_names = {sub.data for sub in entries["deny"].data if isinstance(sub.data, str)}
@@ -451,6 +457,10 @@ def _syscalls(c: Checker, v: Optional[Value]) -> SyscallOverrides:
             return None
         if text in hard:
             c.error(sub, name, f"'{text}' is always denied and cannot be allowed by a manifest")
+            return None
+        if text in checked:
+            c.error(sub, name, f"'{text}' is allowed by the base profile only with argument checks, "
+                               "which allowing it outright would drop")
             return None
         if text in denied_names:
             c.error(sub, name, f"'{text}' is both allowed and denied")

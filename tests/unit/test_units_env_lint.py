@@ -61,10 +61,10 @@ def _warnings(text):
 
 
 @pytest.mark.parametrize("text,field", [
-    ("permissions:\n  fs:\n    dirs: ['/**:ro']\n", "permissions.fs.dirs[0]"),
-    ("permissions:\n  fs:\n    dirs: ['/etc:rw']\n", "permissions.fs.dirs[0]"),
+    ("permissions:\n  fs:\n    dirs: ['/*/data:ro']\n", "permissions.fs.dirs[0]"),
+    ("permissions:\n  fs:\n    dirs: ['/opt:rw']\n", "permissions.fs.dirs[0]"),
     ("permissions:\n  fs:\n    dirs: ['/usr/local/lib:rw']\n", "permissions.fs.dirs[0]"),
-    ("permissions:\n  fs:\n    dirs: ['/etc:ro']\n", "permissions.fs.dirs[0]"),
+    ("permissions:\n  fs:\n    dirs: ['/home:ro']\n", "permissions.fs.dirs[0]"),
     ("permissions:\n  shell:\n    allowlist: ['sh **']\n    allowed_dirs: [/w]\n", "permissions.shell.allowlist[0]"),
     ("permissions:\n  shell:\n    allowlist: ['python3 **']\n    allowed_dirs: [/w]\n", "permissions.shell.allowlist[0]"),
     ("permissions:\n  shell:\n    allowlist: ['/usr/bin/env git']\n    allowed_dirs: [/w]\n", "permissions.shell.allowlist[0]"),
@@ -84,3 +84,11 @@ def test_plain_grants_do_not_warn():
 def test_warning_points_at_the_line():
     result = load_text("name: a\nversion: '1'\npermissions:\n  tcp:\n    allowlist:\n      - '*:*'\n")
     assert (result.warnings[0].pos.line, result.warnings[0].pos.column) == (6, 9)
+
+
+@pytest.mark.parametrize("grant", ["/:ro", "/**:ro", "/etc:ro", "/etc/*:ro", "/var/lib/*:rw",
+                                   "/var/lib/skillguard/state:rw", "/run/skillguard:ro"])
+def test_grants_reaching_agent_private_paths_are_errors(grant):
+    result = load_text(f"name: a\nversion: '1'\npermissions:\n  fs:\n    dirs: ['{grant}']\n")
+    assert [(e.field, e.pos.line) for e in result.errors] == [("permissions.fs.dirs[0]", 5)]
+    assert "no skill may access" in result.errors[0].message
