@@ -459,8 +459,8 @@ def _syscalls(c: Checker, v: Optional[Value]) -> SyscallOverrides:
             c.error(sub, name, f"'{text}' is always denied and cannot be allowed by a manifest")
             return None
         if text in checked:
-            c.error(sub, name, f"'{text}' is allowed by the base profile only with argument checks, "
-                               "which allowing it outright would drop")
+            c.error(sub, name, f"'{text}' is argument-checked or answered ENOSYS by the base profile; "
+                               "allowing it outright would drop that")
             return None
         if text in denied_names:
             c.error(sub, name, f"'{text}' is both allowed and denied")

@@ -119,3 +119,9 @@ def test_unreadable_and_oversized_files(tmp_path):
     big = tmp_path / "big.yaml"
     big.write_bytes(b"#" * (1 << 20) + b"\n")
     assert "larger than 1 MiB" in load_manifest(big).errors[0].message
+
+
+def test_argument_checked_syscalls_cannot_be_allowed_outright():
+    result = load_text("name: a\nversion: '1'\nsyscalls:\n  allow: [clone3, socket, getppid]\n")
+    assert [(e.field, e.pos.column) for e in result.errors] == [("syscalls.allow[0]", 11),
+                                                                  ("syscalls.allow[1]", 19)]
