@@ -64,6 +64,40 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 1 if any(doctor.status_word(p) == "FAIL" for p in probes) else 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent.manifest import load_manifest
+
+    result = load_manifest(args.manifest)
+    for line in result.format(result.warnings, "warning"):
+        print(line, file=sys.stderr)
+    if not result.ok:
+        for line in result.format(result.errors, "error"):
+            print(line, file=sys.stderr)
+        return 125
+    from agent.events.violation import JsonLinesSink
+    from agent.launch.supervisor import LaunchError, RunOptions, run
+
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    try:
+        sink = JsonLinesSink(path=args.events) if args.events else JsonLinesSink.stderr()
+    except OSError as exc:
+        print(f"skillguard: error: events: {args.events}: {exc.strerror}", file=sys.stderr)
+        return 125
+    options = RunOptions(argv=tuple(command), audit=args.audit, state_root=args.state_root,
+                         uid_range=args.uid_range, cwd=args.cwd)
+    try:
+        outcome = run(result.policy, options, emit=sink.emit,
+                      note=lambda text: print(f"skillguard: note: {text}", file=sys.stderr))
+    except LaunchError as exc:
+        print(f"skillguard: error: {exc} (the skill was not started)", file=sys.stderr)
+        return 127 if exc.layer == "exec" else 125
+    finally:
+        sink.close()
+    return outcome.exit_code
+
+
 def build_parser() -> argparse.ArgumentParser:
     from agent import __version__
 
@@ -84,6 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help="probe which kernel layers work on this host, and why not")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("run", help="run a skill confined by its manifest (no daemon needed)")
+    p.add_argument("--manifest", required=True, metavar="FILE")
+    p.add_argument("--audit", action="store_true",
+                   help="log seccomp denials and allow them; skip Landlock")
+    p.add_argument("--events", metavar="FILE", help="append violations as JSON lines (default: stderr)")
+    p.add_argument("--state-root", metavar="DIR",
+                   help="uid table and state dirs (default $SKILLGUARD_STATE_ROOT or /var/lib/skillguard)")
+    p.add_argument("--uid-range", metavar="FIRST-LAST", help="uids for skills (default $SKILLGUARD_UID_RANGE)")
+    p.add_argument("--cwd", metavar="DIR", help="working directory (default: the current one if granted, else HOME)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS (default: the manifest's entrypoint)")
+    p.set_defaults(func=cmd_run)
     return parser
 
 

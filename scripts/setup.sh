@@ -4,7 +4,7 @@
 # editable. Quick when everything is already present.
 #
 # Usage: scripts/setup.sh [--bench] [--check]
-#   --bench  also install what `make bench` needs (bubblewrap, firejail, gcc)
+#   --bench  also install what `make bench` needs (bubblewrap, firejail)
 #   --check  change nothing; list what a set-up run would do, exit 1 if anything
 set -euo pipefail
 
@@ -27,8 +27,9 @@ RUNTIME_APT_PACKAGES=(
     iproute2          # ip(8) for netns/veth debugging and tests
     systemd           # systemd-analyze verify for systemd/skillguard.service
     make
+    gcc               # tests and benches build small C helpers (i386 syscall probe, seccomp loop)
 )
-BENCH_APT_PACKAGES=(bubblewrap firejail gcc)
+BENCH_APT_PACKAGES=(bubblewrap firejail)
 
 want_bench=0
 check_only=0

@@ -3,8 +3,11 @@
 The cgroup carries the real memory, CPU and pids limits for the whole skill.
 rlimits add what a cgroup cannot say: no core dumps (they would write the
 skill's memory to disk), a file-descriptor ceiling, and RLIMIT_NPROC as a
-second fork bound (it counts processes per real uid, and each skill runs as
-a uid of its own, so it is per skill). RLIMIT_AS is not set: runtimes such
+backstop fork bound. RLIMIT_NPROC counts every process of the real uid
+(each skill has its own, so across that skill's instances) and the kernel
+checks it before the pids cgroup (kernel/fork.c copy_process), so it sits at
+twice `pids`: at the same value a fork bomb would stop unseen, without the
+pids cgroup counting the refusal that reports it. RLIMIT_AS is not set: runtimes such
 as Node and the JVM reserve far more address space than they use; the
 memory cgroup limits what is actually used.
 """
@@ -56,6 +59,6 @@ def compile_rlimits(resources: Resources) -> tuple[Rlimit, ...]:
     return (
         Rlimit("RLIMIT_CORE", 0, 0),
         Rlimit("RLIMIT_NOFILE", NOFILE, NOFILE),
-        Rlimit("RLIMIT_NPROC", resources.pids, resources.pids),
+        Rlimit("RLIMIT_NPROC", 2 * resources.pids, 2 * resources.pids),
         Rlimit("RLIMIT_MEMLOCK", MEMLOCK, MEMLOCK),
     )

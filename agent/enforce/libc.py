@@ -27,6 +27,11 @@ NR = {
     "getppid": 110,
     "mount": 165,
     "unshare": 272,
+    "umount2": 166,
+    "capget": 125,
+    "open_tree": 428,
+    "move_mount": 429,
+    "mount_setattr": 442,
 }
 
 

@@ -1,0 +1,255 @@
+"""What the launched child does between fork and exec.
+
+The child is PID 1 of a new PID namespace (the supervisor unshared
+CLONE_NEWPID before forking). It confines itself in this order, reporting
+the first failure to the supervisor as {"layer", "error"} on the error pipe
+and exiting 125, so the skill never starts half-confined:
+
+    cgroup -> namespaces (mount, IPC, UTS, net, cgroup) + setsid -> mounts
+    -> loopback -> rlimits -> uid/gid/capabilities -> no_new_privs
+    -> Landlock -> seccomp (listener fd sent to the supervisor) -> fork+exec
+
+It then stays as the namespace's init: PID 1 ignores every signal it has no
+handler for, even SIGTERM from its own namespace (pid_namespaces(7)), so a
+skill running as PID 1 could not be stopped politely. The init forwards
+SIGTERM/SIGINT/SIGHUP/SIGQUIT/SIGUSR1/SIGUSR2 to the skill, reaps orphans,
+and when the skill ends reports its raw wait status and exits with its code
+(128+N for a signal); the kernel then kills whatever the skill left behind
+(zap_pid_ns_processes). The init is confined exactly like the skill.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import resource
+import signal
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Optional
+
+from agent.enforce.libc import PR_SET_NO_NEW_PRIVS, prctl, syscall
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWNET = 0x40000000
+PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
+PR_CAPBSET_DROP = 24
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
+                     signal.SIGUSR1, signal.SIGUSR2)
+SETUP_FAILED = 125
+EXEC_FAILED = 127
+STATUS = struct.Struct("=i")
+
+
+class StepError(Exception):
+    def __init__(self, layer: str, reason: str):
+        super().__init__(reason)
+        self.layer = layer
+
+
+@dataclass(frozen=True)
+class ChildPlan:
+    """Everything the child needs, computed by the supervisor before fork."""
+
+    executable: str
+    argv: tuple[str, ...]
+    env: dict
+    cwd: str
+    uid: int
+    gid: int
+    hostname: str
+    cgroup: object  # SkillCgroup
+    mounts: object  # mounts.MountPlan
+    rlimits: tuple  # compile.rlimits.Rlimit
+    landlock: Optional[object]  # LandlockArtifact, None when skipped (--audit)
+    seccomp_bpf: bytes
+
+
+def _step(layer: str, fn, *args):
+    try:
+        return fn(*args)
+    except StepError:
+        raise
+    except Exception as exc:  # every failure becomes "layer: why"
+        raise StepError(layer, str(exc)) from None
+
+
+def _report(fd: int, layer: str, reason: str) -> None:
+    try:
+        os.write(fd, json.dumps({"layer": layer, "error": reason}).encode())
+    except OSError:
+        pass
+
+
+def _unshare() -> None:
+    syscall("unshare", ctypes.c_int(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
+                                    | CLONE_NEWNET | CLONE_NEWCGROUP))
+
+
+def _loopback_up() -> None:
+    # A new network namespace has only `lo`, and it is down (network_namespaces(7)).
+    import fcntl
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(sock, SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+
+
+def _set_rlimits(rlimits) -> None:
+    for limit in rlimits:
+        resource.setrlimit(getattr(resource, limit.name), (limit.soft, limit.hard))
+
+
+def _drop_identity(uid: int, gid: int) -> None:
+    # Empty the bounding set while we still hold CAP_SETPCAP, so nothing the
+    # skill executes can regain a capability (capabilities(7)); clear the
+    # ambient set; then switch ids. setresuid from 0 to non-zero clears the
+    # permitted and effective sets (no SECBIT_KEEP_CAPS).
+    with open("/proc/sys/kernel/cap_last_cap") as fh:
+        last_cap = int(fh.read())
+    for cap in range(last_cap + 1):
+        prctl(PR_CAPBSET_DROP, cap)
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    try:
+        os.setresuid(0, 0, 0)
+    except PermissionError:
+        pass
+    else:
+        raise RuntimeError("could regain uid 0 after dropping it")
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid) or os.getgroups():
+        raise RuntimeError("ids did not change as asked")
+
+
+def _landlock(artifact) -> list[str]:
+    from agent.enforce.landlock import apply
+
+    report = apply(artifact)
+    return list(report.dropped)
+
+
+def _seccomp(bpf: bytes) -> int:
+    from agent.enforce.seccomp_load import install_filter
+
+    return install_filter(bpf, listener=True)
+
+
+def run(plan: ChildPlan, err_fd: int, sock: socket.socket) -> None:
+    """Confine this process, start the skill, act as its init. Never returns."""
+    code = SETUP_FAILED
+    try:
+        code = _confine_and_start(plan, err_fd, sock)
+    except StepError as exc:
+        _report(err_fd, exc.layer, str(exc))
+    except BaseException as exc:  # noqa: BLE001 - nothing may escape a forked child
+        _report(err_fd, "launch", f"{type(exc).__name__}: {exc}")
+    os._exit(code)
+
+
+def _confine_and_start(plan: ChildPlan, err_fd: int, sock: socket.socket) -> int:
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    # Import now: once Landlock holds, the agent's own files are unreadable.
+    import fcntl  # noqa: F401
+    import agent.enforce.landlock  # noqa: F401
+    import agent.enforce.seccomp_load  # noqa: F401
+    _step("cgroup", plan.cgroup.add, 0)  # "0": the writing process itself
+    _step("namespaces", _unshare)
+    os.setsid()  # no controlling terminal: nothing to TIOCSTI into
+    from agent.launch import mounts
+
+    _step("mount", mounts.setup, plan.mounts)
+    for bind in plan.mounts.binds:
+        if bind.userns_fd is not None:
+            try:
+                os.close(bind.userns_fd)
+            except OSError:
+                pass
+    _step("network", _loopback_up)
+    _step("uts", socket.sethostname, plan.hostname)
+    _step("rlimits", _set_rlimits, plan.rlimits)
+    _step("identity", _drop_identity, plan.uid, plan.gid)
+    _step("cwd", os.chdir, plan.cwd)
+    _step("no_new_privs", prctl, PR_SET_NO_NEW_PRIVS, 1)
+    prctl(PR_SET_DUMPABLE, 0)  # /proc/1/* stays closed to the skill
+    dropped = _step("landlock", _landlock, plan.landlock) if plan.landlock is not None else []
+    _install_forwarders()
+    listener = _step("seccomp", _seccomp, plan.seccomp_bpf)
+    message = json.dumps({"landlock_dropped": dropped}).encode()
+    _step("seccomp", socket.send_fds, sock, [message], [listener])
+    os.close(listener)
+
+    pid = os.fork()
+    if pid == 0:
+        _exec(plan, err_fd, sock)
+    _child_pid[0] = pid
+    os.close(err_fd)
+    return _init_loop(pid, sock)
+
+
+_child_pid = [0]
+
+
+def _forward(signum, _frame) -> None:
+    if _child_pid[0] > 0:
+        try:
+            os.kill(_child_pid[0], signum)
+        except ProcessLookupError:
+            pass
+
+
+def _install_forwarders() -> None:
+    for signum in FORWARDED_SIGNALS:
+        signal.signal(signum, _forward)
+
+
+def _exec(plan: ChildPlan, err_fd: int, sock: socket.socket) -> None:
+    try:
+        sock.close()
+        for signum in FORWARDED_SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+        os.execve(plan.executable, list(plan.argv), plan.env)
+    except OSError as exc:
+        _report(err_fd, "exec", f"{plan.executable}: {exc.strerror}")
+    except BaseException as exc:  # noqa: BLE001
+        _report(err_fd, "exec", f"{type(exc).__name__}: {exc}")
+    os._exit(EXEC_FAILED)
+
+
+def _init_loop(main_pid: int, sock: socket.socket) -> int:
+    # Keep no copy of the caller's terminal or pipes: the skill's reader
+    # should see EOF when the skill closes them.
+    try:
+        null = os.open("/dev/null", os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
+    except OSError:
+        pass
+    status = 0
+    while True:
+        try:
+            pid, wait_status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+        if pid == main_pid:
+            status = wait_status
+            break
+    try:
+        sock.send(STATUS.pack(status))
+    except OSError:
+        pass
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else SETUP_FAILED

@@ -1,0 +1,206 @@
+"""The skill's mount namespace: read-only root, private /tmp, its own /proc,
+writable only where the manifest says.
+
+`setup` runs in the launched child after unshare(CLONE_NEWNS), as root:
+
+1. `/` becomes recursively private, so nothing we mount leaks back to the
+   host and host mounts made later do not appear here.
+2. Each granted directory (and the state dir) is cloned as a detached mount
+   with open_tree(2) *before* anything is covered, and given its flags with
+   mount_setattr(2): read-only for `ro` grants, an idmapping for grants the
+   skill's uid does not own (below).
+3. The whole tree is made read-only and nosuid (mount_setattr AT_RECURSIVE).
+4. A fresh tmpfs goes on /tmp (0700, owned by the skill) and a fresh procfs
+   on /proc (the caller's new PID namespace: only the skill's processes).
+5. The clones are attached with move_mount(2) at their own paths; grants
+   that lived under /tmp are re-created inside the private /tmp first.
+
+Idmapped mounts (mount_setattr(2), MOUNT_ATTR_IDMAP): the skill runs as a
+uid of its own, so a directory owned by the user who granted it would be
+unwritable (and, at 0700, unreadable) through DAC even though Landlock grants
+it. Each such grant is mounted with an idmapping from the directory's owner
+to the skill's uid/gid: the skill sees it as its own, and files it creates
+land on disk owned by the original owner. Files of any other owner show as
+the overflow uid (nobody) and keep their "other" permissions.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from agent.enforce.libc import syscall
+
+AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+OPEN_TREE_CLONE = 1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+# include/uapi/linux/mount.h
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_NOEXEC = 0x8
+MOUNT_ATTR_IDMAP = 0x100000
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x2, 0x4, 0x8
+MS_REC, MS_PRIVATE = 0x4000, 1 << 18
+
+CLONE_NEWUSER = 0x10000000
+
+
+class MountError(RuntimeError):
+    def __init__(self, reason: str):
+        super().__init__(f"mount namespace: {reason}")
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+@dataclass(frozen=True)
+class Bind:
+    path: str  # absolute; mounted over itself (or re-created under the private /tmp)
+    writable: bool
+    origin: str  # "manifest:/data:rw", "state-dir"
+    userns_fd: Optional[int] = None  # idmapping owner -> skill, or None
+
+
+@dataclass(frozen=True)
+class MountPlan:
+    binds: tuple[Bind, ...]
+    uid: int
+    gid: int
+    tmp_size: Optional[int]  # bytes; None: tmpfs default (half of RAM)
+
+
+def _c(path: str) -> ctypes.c_char_p:
+    return ctypes.c_char_p(os.fsencode(path))
+
+
+def _mount(source, target, fstype, flags, data=None) -> None:
+    syscall("mount", ctypes.c_char_p(source and source.encode()), _c(target),
+            ctypes.c_char_p(fstype and fstype.encode()), ctypes.c_ulong(flags),
+            ctypes.c_char_p(data and data.encode()))
+
+
+def _setattr(dirfd: int, path: str, flags: int, attr_set: int, attr_clr: int = 0,
+             userns_fd: Optional[int] = None) -> None:
+    attr = _MountAttr(attr_set, attr_clr, 0, userns_fd if userns_fd is not None else 0)
+    syscall("mount_setattr", ctypes.c_int(dirfd), _c(path), ctypes.c_uint(flags),
+            ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _clone(bind: Bind) -> int:
+    try:
+        fd = syscall("open_tree", ctypes.c_int(AT_FDCWD), _c(bind.path),
+                     ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE))
+    except OSError as exc:
+        raise MountError(f"{bind.origin}: cannot clone {bind.path}: {os.strerror(exc.errno)}") from None
+    attr_set = MOUNT_ATTR_NOSUID | (0 if bind.writable else MOUNT_ATTR_RDONLY)
+    attr_clr = MOUNT_ATTR_RDONLY if bind.writable else 0
+    if bind.userns_fd is not None:
+        attr_set |= MOUNT_ATTR_IDMAP
+    try:
+        _setattr(fd, "", AT_EMPTY_PATH | AT_RECURSIVE, attr_set, attr_clr, bind.userns_fd)
+    except OSError as exc:
+        os.close(fd)
+        hint = " (filesystem does not support idmapped mounts)" \
+            if bind.userns_fd is not None and exc.errno == errno.EINVAL else ""
+        raise MountError(f"{bind.origin}: mount_setattr on {bind.path}: "
+                         f"{os.strerror(exc.errno)}{hint}") from None
+    return fd
+
+
+def _make_mountpoint(path: str, is_dir: bool) -> None:
+    parent = os.path.dirname(path)
+    os.makedirs(parent, mode=0o755, exist_ok=True)
+    if is_dir:
+        os.makedirs(path, mode=0o755, exist_ok=True)
+    elif not os.path.exists(path):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+
+
+def setup(plan: MountPlan) -> None:
+    """Build the skill's view of the filesystem. Call in the child, as root,
+    after unshare(CLONE_NEWNS) and inside the new PID namespace."""
+    try:
+        _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    except OSError as exc:
+        raise MountError(f"making / private: {os.strerror(exc.errno)}") from None
+    # Outer paths first so an inner grant lands on top of an outer one.
+    ordered = sorted(plan.binds, key=lambda b: (b.path.count("/"), b.path))
+    clones = [(bind, os.path.isdir(bind.path), _clone(bind)) for bind in ordered]
+    try:
+        _setattr(AT_FDCWD, "/", AT_RECURSIVE, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID)
+    except OSError as exc:
+        raise MountError(f"read-only root: mount_setattr: {os.strerror(exc.errno)}") from None
+    tmp_options = f"mode=0700,uid={plan.uid},gid={plan.gid}"
+    if plan.tmp_size:
+        tmp_options += f",size={plan.tmp_size}"
+    try:
+        _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, tmp_options)
+    except OSError as exc:
+        raise MountError(f"private /tmp: mount tmpfs: {os.strerror(exc.errno)}") from None
+    try:
+        _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    except OSError as exc:
+        raise MountError(f"/proc: mount procfs: {os.strerror(exc.errno)}") from None
+    for bind, is_dir, fd in clones:
+        try:
+            if _under(bind.path, "/tmp"):
+                _make_mountpoint(bind.path, is_dir)
+            syscall("move_mount", ctypes.c_int(fd), _c(""), ctypes.c_int(AT_FDCWD),
+                    _c(bind.path), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH))
+        except OSError as exc:
+            raise MountError(f"{bind.origin}: attaching {bind.path}: "
+                             f"{os.strerror(exc.errno)}") from None
+        finally:
+            os.close(fd)
+
+
+def idmap_userns(owner_uid: int, owner_gid: int, uid: int, gid: int) -> int:
+    """An fd of a user namespace mapping owner_uid/gid (on disk) to uid/gid.
+
+    A user namespace lives only while something holds it, so a short-lived
+    helper process creates it; we write its maps (uid_map "inside outside
+    count": inside = the id on disk, outside = the skill's id) and keep an fd.
+    Call before the launcher unshares its PID namespace.
+    """
+    go_r, go_w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # helper
+        try:
+            os.close(go_w)
+            os.close(ready_r)
+            syscall("unshare", ctypes.c_int(CLONE_NEWUSER))
+            os.write(ready_w, b"1")
+            os.read(go_r, 1)
+        finally:
+            os._exit(0)
+    os.close(go_r)
+    os.close(ready_w)
+    try:
+        if os.read(ready_r, 1) != b"1":
+            raise MountError("idmap: helper could not create a user namespace")
+        try:
+            with open(f"/proc/{pid}/uid_map", "w") as fh:
+                fh.write(f"{owner_uid} {uid} 1\n")
+            with open(f"/proc/{pid}/gid_map", "w") as fh:
+                fh.write(f"{owner_gid} {gid} 1\n")
+            return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise MountError(f"idmap {owner_uid}:{owner_gid} -> {uid}:{gid}: "
+                             f"{os.strerror(exc.errno)}") from None
+    finally:
+        os.close(ready_r)
+        os.close(go_w)
+        os.waitpid(pid, 0)
