@@ -170,12 +170,7 @@ def _confine_and_start(plan: ChildPlan, err_fd: int, sock: socket.socket) -> int
     from agent.launch import mounts
 
     _step("mount", mounts.setup, plan.mounts)
-    for bind in plan.mounts.binds:
-        if bind.userns_fd is not None:
-            try:
-                os.close(bind.userns_fd)
-            except OSError:
-                pass
+    mounts.close_userns_fds(plan.mounts.binds)
     _step("network", _loopback_up)
     _step("uts", socket.sethostname, plan.hostname)
     _step("rlimits", _set_rlimits, plan.rlimits)

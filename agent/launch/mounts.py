@@ -204,3 +204,13 @@ def idmap_userns(owner_uid: int, owner_gid: int, uid: int, gid: int) -> int:
         os.close(ready_r)
         os.close(go_w)
         os.waitpid(pid, 0)
+
+
+def close_userns_fds(binds) -> None:
+    """Close the user-namespace fds that idmapped binds held open; idempotent."""
+    for bind in binds:
+        if bind.userns_fd is not None:
+            try:
+                os.close(bind.userns_fd)
+            except OSError:
+                pass

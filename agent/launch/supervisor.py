@@ -242,12 +242,9 @@ class Supervisor:
                 self.cgroup.remove()
             except Exception as exc:  # noqa: BLE001 - report, do not mask the result
                 self.note(f"cgroup: cleanup failed: {exc}")
-            for bind in plan.mounts.binds:
-                if bind.userns_fd is not None:
-                    try:
-                        os.close(bind.userns_fd)
-                    except OSError:
-                        pass
+            from agent.launch.mounts import close_userns_fds
+
+            close_userns_fds(plan.mounts.binds)
 
     def _run(self, plan) -> RunResult:
         from agent.enforce.libc import syscall

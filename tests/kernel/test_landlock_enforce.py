@@ -24,15 +24,7 @@ from agent.enforce import landlock as enforce
 from agent.enforce.libc import PR_SET_NO_NEW_PRIVS, prctl
 from agent.manifest.model import DirGrant, FsPolicy, HostPattern, Policy, TcpPolicy, TcpRule
 
-try:
-    from conftest import require
-except ImportError:  # conftest not on sys.path: same rule, inline
-    def require(feature_ok: bool, why: str) -> None:
-        if feature_ok:
-            return
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"required on CI: {why}", pytrace=False)
-        pytest.skip(why)
+from tests.conftest import require
 
 
 def run_confined(artifact: LandlockArtifact, probes) -> dict:

@@ -22,15 +22,7 @@ from agent.compile.seccomp import compile_seccomp, syscall_number
 from agent.enforce.seccomp_load import install_filter
 from agent.manifest.model import HostPattern, Policy, TcpPolicy, TcpRule
 
-try:
-    from conftest import require
-except ImportError:  # conftest not on sys.path: same rule, inline
-    def require(feature_ok: bool, why: str) -> None:
-        if feature_ok:
-            return
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"required on CI: {why}", pytrace=False)
-        pytest.skip(why)
+from tests.conftest import require
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
