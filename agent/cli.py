@@ -29,20 +29,29 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def cmd_compile(args: argparse.Namespace) -> int:
-    from agent.compile import compile_policy
-    from agent.compile import report
+def _load_or_report(path: str):
+    """The manifest's Policy, or None after printing its errors; warnings are printed either way."""
     from agent.manifest import load_manifest
 
-    result = load_manifest(args.file)
+    result = load_manifest(path)
     for line in result.format(result.warnings, "warning"):
         print(line, file=sys.stderr)
     if not result.ok:
         for line in result.format(result.errors, "error"):
             print(line, file=sys.stderr)
+        return None
+    return result.policy
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from agent.compile import compile_policy
+    from agent.compile import report
+
+    policy = _load_or_report(args.file)
+    if policy is None:
         return 1
     try:
-        artifacts = compile_policy(result.policy)
+        artifacts = compile_policy(policy)
     except ValueError as exc:
         print(f"{args.file}: error: {exc}", file=sys.stderr)
         return 1
@@ -65,14 +74,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from agent.manifest import load_manifest
-
-    result = load_manifest(args.manifest)
-    for line in result.format(result.warnings, "warning"):
-        print(line, file=sys.stderr)
-    if not result.ok:
-        for line in result.format(result.errors, "error"):
-            print(line, file=sys.stderr)
+    policy = _load_or_report(args.manifest)
+    if policy is None:
         return 125
     from agent.events.violation import JsonLinesSink
     from agent.launch.supervisor import LaunchError, RunOptions, run
@@ -88,7 +91,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     options = RunOptions(argv=tuple(command), audit=args.audit, state_root=args.state_root,
                          uid_range=args.uid_range, cwd=args.cwd)
     try:
-        outcome = run(result.policy, options, emit=sink.emit,
+        outcome = run(policy, options, emit=sink.emit,
                       note=lambda text: print(f"skillguard: note: {text}", file=sys.stderr))
     except LaunchError as exc:
         print(f"skillguard: error: {exc} (the skill was not started)", file=sys.stderr)

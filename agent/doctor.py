@@ -63,7 +63,6 @@ def _step(what: str, exc: OSError) -> ProbeError:
 
 # ---------------------------------------------------------------- child processes
 
-_PR_SET_PDEATHSIG = 1
 _answer_fd: int | None = None  # in a probe child: where its own answer goes
 
 
@@ -81,7 +80,7 @@ def _fork_call(body: Callable[[], object]) -> tuple[int, int]:
             os.close(_answer_fd)
         _answer_fd = write_fd
         try:
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+            libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
             answer = {"value": body()}
         except ProbeError as exc:
             answer = {"error": str(exc)}
@@ -135,11 +134,8 @@ def _in_child(body: Callable[[], object], timeout: float = PROBE_TIMEOUT) -> obj
 
 # ---------------------------------------------------------------- small syscall helpers
 
-CLONE_NEWNS = 0x00020000
-CLONE_NEWUSER = 0x10000000
-CLONE_NEWNET = 0x40000000
-MS_REC = 0x4000
-MS_PRIVATE = 1 << 18
+from agent.enforce.libc import CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWUSER  # noqa: E402
+from agent.launch.mounts import MS_PRIVATE, MS_REC  # noqa: E402
 
 
 def _unshare(flags: int) -> None:
@@ -171,18 +167,17 @@ def _mounts_of(fstype: str) -> list[Path]:
 
 # ---------------------------------------------------------------- seccomp
 
-SECCOMP_SET_MODE_FILTER = 1
+from agent.compile.bpf import (AUDIT_ARCH_X86_64, SECCOMP_RET_ALLOW,  # noqa: E402
+                               SECCOMP_RET_ERRNO, SECCOMP_RET_USER_NOTIF)
+from agent.enforce.seccomp_load import (SECCOMP_FILTER_FLAG_NEW_LISTENER,  # noqa: E402
+                                        SECCOMP_SET_MODE_FILTER)
+from agent.launch.notify import IOCTL_NOTIF_ID_VALID as SECCOMP_IOCTL_NOTIF_ID_VALID  # noqa: E402
+from agent.launch.notify import IOCTL_NOTIF_RECV as SECCOMP_IOCTL_NOTIF_RECV  # noqa: E402
+from agent.launch.notify import IOCTL_NOTIF_SEND as SECCOMP_IOCTL_NOTIF_SEND  # noqa: E402
+
 SECCOMP_GET_NOTIF_SIZES = 3
-SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
-SECCOMP_RET_ALLOW = 0x7FFF0000
-SECCOMP_RET_ERRNO = 0x00050000
-SECCOMP_RET_USER_NOTIF = 0x7FC00000
-AUDIT_ARCH_X86_64 = 0xC000003E
-# ioctl numbers: _IOWR/_IOW('!', nr, struct) from include/uapi/linux/seccomp.h
-SECCOMP_IOCTL_NOTIF_RECV = 0xC0502100   # struct seccomp_notif (80 bytes)
-SECCOMP_IOCTL_NOTIF_SEND = 0xC0182101   # struct seccomp_notif_resp (24 bytes)
-SECCOMP_IOCTL_NOTIF_ID_VALID = 0x40082102
-SECCOMP_IOCTL_NOTIF_ADDFD = 0x40182103  # struct seccomp_notif_addfd (24 bytes)
+# _IOW('!', 3, struct seccomp_notif_addfd), include/uapi/linux/seccomp.h; only doctor uses it
+SECCOMP_IOCTL_NOTIF_ADDFD = 0x40182103
 
 PROBE_COOKIE = 0x5ECC0DE  # getppid() ignores its argument; the filter matches only this value
 DENY_ERRNO = errno.EKEYREJECTED  # unusual, so it can only have come from our filter

@@ -31,7 +31,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from agent.enforce.libc import syscall
+from agent.enforce.libc import CLONE_NEWUSER, syscall
 
 AT_FDCWD = -100
 AT_EMPTY_PATH = 0x1000
@@ -48,7 +48,6 @@ MOUNT_ATTR_IDMAP = 0x100000
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x2, 0x4, 0x8
 MS_REC, MS_PRIVATE = 0x4000, 1 << 18
 
-CLONE_NEWUSER = 0x10000000
 
 
 class MountError(RuntimeError):

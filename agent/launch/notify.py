@@ -20,6 +20,8 @@ import fcntl
 import struct
 from dataclasses import dataclass
 
+from agent.compile.bpf import AUDIT_ARCH_X86_64  # noqa: F401  (callers compare notif.arch)
+
 
 def _ioc(direction: int, number: int, size: int) -> int:
     return (direction << 30) | (size << 16) | (ord("!") << 8) | number
@@ -37,7 +39,6 @@ IOCTL_NOTIF_ID_VALID = _ioc(_IOC_WRITE, 2, 8)
 # they point to between our look and the kernel's (seccomp_unotify(2)).
 USER_NOTIF_FLAG_CONTINUE = 1
 
-AUDIT_ARCH_X86_64 = 0xC000003E
 _NOTIF = struct.Struct("=QIIiIQ6Q")
 _RESP = struct.Struct("=QqiI")
 assert _NOTIF.size == NOTIF_SIZE and _RESP.size == RESP_SIZE

@@ -23,10 +23,10 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable, Mapping, Optional, Sequence
 
+from agent.enforce.libc import CLONE_NEWPID
 from agent.events.violation import Violation
 from agent.manifest.model import Policy
 
-CLONE_NEWPID = 0x20000000
 SETUP_FAILED = 125
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
