@@ -23,11 +23,17 @@ RUNTIME_APT_PACKAGES=(
     python3-nftables  # nftables JSON API bindings
     nftables          # nft CLI and libnftables
     python3-bpfcc     # bcc: eBPF programs in bpf/
+    python3-pyroute2  # netns, veth, addresses and routes over netlink
+    python3-dnspython # DNS wire format for the per-skill DNS stub
+    python3-cryptography # Ed25519 signatures of skill packages
+    python3-prometheus-client # /metrics
     libseccomp2       # loaded by pyseccomp through ctypes
     iproute2          # ip(8) for netns/veth debugging and tests
     systemd           # systemd-analyze verify for systemd/skillguard.service
     make
     gcc               # tests and benches build small C helpers (i386 syscall probe, seccomp loop)
+    prometheus        # promtool check metrics/rules, and a real scraper in the e2e tests
+    socat             # the socket API is usable from socat; the docs and a test show it
 )
 BENCH_APT_PACKAGES=(bubblewrap firejail)
 

@@ -137,6 +137,8 @@ class Supervisor:
         self.audit = options.audit or policy.mode == "audit"
         self.violations: list[Violation] = []
         self.notes: list[str] = []
+        # Extra fds served by the supervise loop (DNS stub, ...): fd -> callback(fd, mask).
+        self.readers: dict[int, Callable[[int, int], None]] = {}
 
     def emit(self, **fields) -> None:
         violation = Violation(skill=self.policy.name, **fields)
@@ -325,6 +327,8 @@ class Supervisor:
         poller.register(sock, select.POLLIN)
         if listener is not None:
             poller.register(listener, select.POLLIN)
+        for fd in self.readers:
+            poller.register(fd, select.POLLIN)
         timeout_s = self.policy.resources.timeout_s
         deadline = time.monotonic() + timeout_s if timeout_s > 0 and listener is not None else None
         exited = False
@@ -363,6 +367,8 @@ class Supervisor:
                             poller.unregister(sock)
                     elif fd == pidfd:
                         exited = True
+                    elif fd in self.readers:
+                        self.readers[fd](fd, mask)
             _, status = os.waitpid(pid, 0)
             # A status message sent just before exit may still be queued.
             if skill_status is None:
