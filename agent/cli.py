@@ -43,6 +43,37 @@ def _load_or_report(path: str):
     return result.policy
 
 
+def _load_cached(path: str, cache_root):
+    """`_load_or_report` for launches: the load is memoized by the manifest's bytes."""
+    from agent.cache import key_of, memo
+
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return _load_or_report(path)  # the loader words the error
+    if len(data) > 1 << 20:
+        return _load_or_report(path)  # too large: the loader words the limit
+
+    def load() -> tuple:
+        from agent.manifest import load_text
+
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            return None, [], []  # not cached as a policy: the loader words the error below
+        result = load_text(text, path)
+        return (result.policy if result.ok else None,
+                result.format(result.warnings, "warning"), result.format(result.errors, "error"))
+
+    policy, warnings, errors = memo("manifest", key_of(path, data), load, root=cache_root)
+    if policy is None and not errors:
+        return _load_or_report(path)
+    for line in warnings + errors:
+        print(line, file=sys.stderr)
+    return policy
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     from agent.compile import compile_policy
     from agent.compile import report
@@ -74,7 +105,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    policy = _load_or_report(args.manifest)
+    from agent.launch.identity import IdentityError, state_root
+
+    try:
+        cache_root = state_root(args.state_root)
+    except IdentityError:
+        cache_root = None  # the launch reports the bad root
+    policy = _load_cached(args.manifest, cache_root)
     if policy is None:
         return 125
     from agent.events.violation import JsonLinesSink

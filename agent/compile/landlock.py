@@ -232,7 +232,7 @@ def load_base_profile(path: str | os.PathLike[str] = DEFAULT_BASE_PROFILE) -> Ba
     source = str(path)
     try:
         with open(path, encoding="utf-8") as handle:
-            document = yaml.safe_load(handle)
+            document = yaml.load(handle, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except (OSError, yaml.YAMLError) as exc:
         raise LandlockCompileError(f"landlock: cannot read base profile {source}: {exc}") from exc
     if not isinstance(document, dict) or document.get("version") != 1:

@@ -136,7 +136,7 @@ def _load_profile_cached(path: str) -> BaseProfile:
     where = f"seccomp base profile {path}"
     try:
         with open(path, encoding="utf-8") as fh:
-            doc = yaml.safe_load(fh)
+            doc = yaml.load(fh, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except OSError as exc:
         raise ProfileError(f"{where}: cannot read: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
