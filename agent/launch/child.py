@@ -6,7 +6,8 @@ the first failure to the supervisor as {"layer", "error"} on the error pipe
 and exiting 125, so the skill never starts half-confined:
 
     cgroup -> namespaces (mount, IPC, UTS, net, cgroup) + setsid -> mounts
-    -> loopback -> rlimits -> uid/gid/capabilities -> no_new_privs
+    -> network (with a grant: wait until the supervisor has set up veth,
+    nftables and DNS stub in our netns, agent/launch/netns.py) -> loopback -> rlimits -> uid/gid/capabilities -> no_new_privs
     -> Landlock -> seccomp (listener fd sent to the supervisor) -> fork+exec
 
 It then stays as the namespace's init: PID 1 ignores every signal it has no
@@ -68,6 +69,8 @@ class ChildPlan:
     rlimits: tuple  # compile.rlimits.Rlimit
     landlock: Optional[object]  # LandlockArtifact, None when skipped (--audit)
     seccomp_bpf: bytes
+    exec_fd: Optional[int] = None  # a pinned entrypoint: executed by fd (execveat), not by path
+    wait_for_network: bool = False  # the supervisor sets up a veth + nftables in our netns
 
 
 def _step(layer: str, fn, *args):
@@ -99,6 +102,29 @@ def _loopback_up() -> None:
         request = struct.pack("16sH14x", b"lo", 0)
         flags = struct.unpack("16sH14x", fcntl.ioctl(sock, SIOCGIFFLAGS, request))[1]
         fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+
+
+def _wait_for_network(sock: socket.socket) -> None:
+    # The supervisor answers b"go" once veth, routes, nftables table and DNS
+    # stub are in place; if it fails it kills us instead.
+    if sock.recv(16) != b"go":
+        raise RuntimeError("the supervisor did not finish the network namespace set-up")
+
+
+def _rearm_parent_death(sock: socket.socket) -> None:
+    # Changing uid/gid clears the parent-death signal (commit_creds(),
+    # kernel/cred.c), so set it again: without it a SIGKILLed supervisor would
+    # leave the skill (and its network namespace) running. getppid() is 0 for
+    # a namespace's init, so the supervisor's end of the socketpair tells
+    # whether it died before this call.
+    import select
+
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    poller = select.poll()
+    poller.register(sock, select.POLLIN | select.POLLHUP)
+    for _fd, mask in poller.poll(0):
+        if mask & (select.POLLHUP | select.POLLERR):
+            raise RuntimeError("the supervisor is gone")
 
 
 def _set_rlimits(rlimits) -> None:
@@ -162,15 +188,20 @@ def _confine_and_start(plan: ChildPlan, err_fd: int, sock: socket.socket) -> int
     import agent.enforce.seccomp_load  # noqa: F401
     _step("cgroup", plan.cgroup.add, 0)  # "0": the writing process itself
     _step("namespaces", _unshare)
+    if plan.wait_for_network:
+        _step("network", sock.send, b"netns")  # the supervisor may now enter our netns
     os.setsid()  # no controlling terminal: nothing to TIOCSTI into
     from agent.launch import mounts
 
     _step("mount", mounts.setup, plan.mounts)
     mounts.close_userns_fds(plan.mounts.binds)
+    if plan.wait_for_network:
+        _step("network", _wait_for_network, sock)
     _step("network", _loopback_up)
     _step("uts", socket.sethostname, plan.hostname)
     _step("rlimits", _set_rlimits, plan.rlimits)
     _step("identity", _drop_identity, plan.uid, plan.gid)
+    _step("identity", _rearm_parent_death, sock)
     _step("cwd", os.chdir, plan.cwd)
     _step("no_new_privs", prctl, PR_SET_NO_NEW_PRIVS, 1)
     prctl(PR_SET_DUMPABLE, 0)  # /proc/1/* stays closed to the skill
@@ -210,6 +241,10 @@ def _exec(plan: ChildPlan, err_fd: int, sock: socket.socket) -> None:
         sock.close()
         for signum in FORWARDED_SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
+        if plan.exec_fd is not None:
+            from agent.enforce.libc import execveat_fd
+
+            execveat_fd(plan.exec_fd, plan.argv, plan.env)
         os.execve(plan.executable, list(plan.argv), plan.env)
     except OSError as exc:
         _report(err_fd, "exec", f"{plan.executable}: {exc.strerror}")

@@ -74,6 +74,7 @@ class MountPlan:
     uid: int
     gid: int
     tmp_size: Optional[int]  # bytes; None: tmpfs default (half of RAM)
+    resolv_conf: Optional[str] = None  # a file bound read-only over /etc/resolv.conf (netns.py)
 
 
 def _c(path: str) -> ctypes.c_char_p:
@@ -137,6 +138,8 @@ def setup(plan: MountPlan) -> None:
     # Outer paths first so an inner grant lands on top of an outer one.
     ordered = sorted(plan.binds, key=lambda b: (b.path.count("/"), b.path))
     clones = [(bind, os.path.isdir(bind.path), _clone(bind)) for bind in ordered]
+    if plan.resolv_conf:
+        clones.append(_resolv_conf_clone(plan.resolv_conf))
     try:
         _setattr(AT_FDCWD, "/", AT_RECURSIVE, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID)
     except OSError as exc:
@@ -163,6 +166,19 @@ def setup(plan: MountPlan) -> None:
                              f"{os.strerror(exc.errno)}") from None
         finally:
             os.close(fd)
+
+
+def _resolv_conf_clone(source: str) -> tuple:
+    """(Bind, False, fd): `source` cloned read-only, to go over the file that
+    /etc/resolv.conf names (often a symlink into /run; move_mount(2) does not
+    follow a symlink in the target's last component)."""
+    target = os.path.realpath("/etc/resolv.conf")
+    if not os.path.isfile(target):
+        raise MountError(f"resolv.conf: /etc/resolv.conf resolves to {target}, which is not a file; "
+                         "the skill's resolver cannot be put in place")
+    bind = Bind(target, False, "resolv.conf")
+    fd = _clone(Bind(source, False, "resolv.conf"))
+    return bind, False, fd
 
 
 def idmap_userns(owner_uid: int, owner_gid: int, uid: int, gid: int) -> int:

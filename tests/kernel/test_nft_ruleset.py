@@ -83,10 +83,10 @@ def test_ruleset_loads_and_drops_ungranted_connects(nft):
     result = in_fresh_netns(load_and_probe)
     assert result["ok"], result.get("error")
     v = result["value"]
-    # Ungranted connects are rejected with ICMP admin-prohibited: they fail at
-    # once with EHOSTUNREACH instead of hanging until the timeout.
-    assert v["192.0.2.10:444"] == os.strerror(errno.EHOSTUNREACH)
-    assert v["192.0.2.11:443"] == os.strerror(errno.EHOSTUNREACH)
+    # Ungranted connects are rejected with a TCP reset: they fail at
+    # once (TCP reset: ECONNREFUSED) instead of hanging until the timeout.
+    assert v["192.0.2.10:444"] == os.strerror(errno.ECONNREFUSED)
+    assert v["192.0.2.11:443"] == os.strerror(errno.ECONNREFUSED)
     # The granted destination passes the filter into a veth where
     # nobody answers: the connect times out instead of being rejected.
     assert v["192.0.2.10:443"] == "timed out"
