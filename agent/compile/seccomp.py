@@ -13,6 +13,8 @@ Layout of the program (see policies/base-syscalls.yaml for the lists):
     (kernel/seccomp.c: seccomp_cache_prepare) skips the filter for them.
   * `conditional` syscalls: ALLOW only when argument checks pass (below).
   * clone3: ERRNO(ENOSYS), glibc then falls back to clone.
+  * `notify=` names (launch: execve, execveat): USER_NOTIF in every mode,
+    so the supervisor decides each one (exec supervision).
   * always_deny: ERRNO(EPERM) in every mode; in "notify" and "log" mode they
     get explicit rules so neither a supervisor nor audit mode can let them
     through.
@@ -89,6 +91,7 @@ class SeccompArtifact:
     pfc: str  # libseccomp's pseudo-filter-code export, human readable
     enosys: tuple[str, ...] = ()  # answered ENOSYS so libc falls back
     socket_families: tuple[str, ...] = ()  # families socket(2) may create
+    notified: tuple[str, ...] = ()  # always sent to the supervisor (USER_NOTIF)
 
 
 # ---------------------------------------------------------------- profile
@@ -280,8 +283,14 @@ def _export(flt, method: str) -> bytes:
 
 
 def compile_seccomp(policy: Policy, *, deny_action: str = "errno",
-                    profile: Optional[BaseProfile] = None) -> SeccompArtifact:
-    """Compile `policy` against the base profile into a seccomp BPF program."""
+                    profile: Optional[BaseProfile] = None,
+                    notify: tuple[str, ...] = ()) -> SeccompArtifact:
+    """Compile `policy` against the base profile into a seccomp BPF program.
+
+    `notify` names syscalls that always go to the supervisor (USER_NOTIF),
+    whatever the profile and `syscalls.allow` say (exec supervision routes
+    execve/execveat here); `syscalls.deny` and always_deny still win.
+    """
     import pyseccomp
 
     profile = profile or load_base_profile()
@@ -293,7 +302,12 @@ def compile_seccomp(policy: Policy, *, deny_action: str = "errno",
         raise RuntimeError("seccomp: the compiler runs on x86_64 hosts only")
 
     manifest_deny = set(policy.syscalls.deny)
-    allowed = sorted((set(profile.allow) | set(policy.syscalls.allow)) - manifest_deny)
+    for name in notify:
+        if not known_syscall(name):
+            raise ValueError(f"seccomp: notify: {name!r} is not an x86_64 syscall")
+    notified = sorted(set(notify) - manifest_deny - set(profile.always_deny))
+    allowed = sorted((set(profile.allow) | set(policy.syscalls.allow)) - manifest_deny
+                     - set(notified))
     arg_checked = sorted(set(profile.conditional) - manifest_deny)
     enosys = sorted(set(profile.enosys) - manifest_deny)
     denied = sorted(set(profile.always_deny) | manifest_deny)
@@ -315,6 +329,9 @@ def compile_seccomp(policy: Policy, *, deny_action: str = "errno",
             flt.add_rule_exactly(pyseccomp.ALLOW, syscall_number(name), *conditions)
     for name in enosys:
         flt.add_rule(pyseccomp.ERRNO(ENOSYS), syscall_number(name))
+    if deny != pyseccomp.NOTIFY:  # else the default action already notifies (libseccomp
+        for name in notified:      # refuses a rule equal to the default: EACCES)
+            flt.add_rule(pyseccomp.NOTIFY, syscall_number(name))
     if deny != pyseccomp.ERRNO(EPERM):
         for name in profile.always_deny:
             flt.add_rule(pyseccomp.ERRNO(EPERM), syscall_number(name))
@@ -331,6 +348,7 @@ def compile_seccomp(policy: Policy, *, deny_action: str = "errno",
         pfc=_export(flt, "export_pfc").decode(),
         enosys=tuple(enosys),
         socket_families=families,
+        notified=tuple(notified),
     )
 
 
