@@ -32,6 +32,8 @@ NR = {
     "open_tree": 428,
     "move_mount": 429,
     "mount_setattr": 442,
+    "openat2": 437,
+    "execveat": 322,
 }
 
 
@@ -72,3 +74,26 @@ CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
+
+
+AT_EMPTY_PATH = 0x1000
+
+
+def execveat_fd(fd: int, argv, env) -> None:
+    """execveat(fd, "", argv, env, AT_EMPTY_PATH): execute the open file `fd` itself.
+
+    Returns only by raising OSError. The kernel runs the inode behind `fd`,
+    whatever its path names now (execveat(2)). A script cannot be run this way
+    when `fd` is close-on-exec: its interpreter would be handed /dev/fd/N,
+    which is gone by then (ENOENT; fexecve(3)).
+    """
+    def block(strings):
+        array = (ctypes.c_char_p * (len(strings) + 1))()
+        array[:-1] = [os.fsencode(s) for s in strings]
+        array[-1] = None
+        return array
+
+    env_list = [f"{k}={v}" for k, v in env.items()]
+    syscall("execveat", ctypes.c_int(fd), ctypes.c_char_p(b""), block(list(argv)),
+            block(env_list), ctypes.c_int(AT_EMPTY_PATH))
+    raise OSError(0, "execveat returned")  # unreachable: success does not return
