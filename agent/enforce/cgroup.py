@@ -181,9 +181,10 @@ class SkillCgroup:
     # -- creation --
 
     @classmethod
-    def create(cls, skill: str, instance: str, limits: Limits, mounts=None) -> "SkillCgroup":
+    def create(cls, skill: str, instance: str, limits: Limits, mounts=None,
+               root: str = ROOT_NAME) -> "SkillCgroup":
         mounts = mounts if mounts is not None else _mounts()
-        parts = (ROOT_NAME, safe_name(skill), safe_name(str(instance)))
+        parts = (root, safe_name(skill), safe_name(str(instance)))
         created: list[Path] = []
         try:
             return cls._create(parts, limits, mounts, created)
@@ -414,6 +415,22 @@ class SkillCgroup:
 
     def __repr__(self) -> str:
         return f"SkillCgroup(v2={self.v2_path}, v1={self.v1_paths}, id={self.id})"
+
+
+def cgroup_id(v2_dir: Path) -> int:
+    """The id bpf_get_current_cgroup_id() returns for tasks in `v2_dir`: the
+    kernfs inode number (fs/kernfs: ino = kn->id on 64-bit)."""
+    return os.stat(v2_dir).st_ino
+
+
+def task_cgroups(pid: int) -> dict[str, str]:
+    """Where process `pid` is: hierarchy ("" for v2, else its controllers as
+    listed, e.g. "memory" or "cpu,cpuacct") -> path in it (cgroups(7))."""
+    out = {}
+    for line in _read(Path(f"/proc/{pid}/cgroup")).splitlines():
+        _, controllers, path = line.split(":", 2)
+        out[controllers] = path
+    return out
 
 
 def _rmdir_retrying(path: Path, timeout: float = 2.0) -> None:

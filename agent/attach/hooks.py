@@ -1,0 +1,527 @@
+"""Confine processes that are already running: `Hooks.attach(policy, pids)`.
+
+Only cgroup-scoped controls reach a running process. Attaching a skill is:
+compile the policy into map entries (pure, bpf_policy), create the skill's
+cgroup with its resource limits, write the map entries and the nftables
+chain, attach the syscall tracepoints if this is the first skill that needs
+them, then move the processes. Nothing is compiled on that path: the BPF
+programs were loaded once by `Hooks.load()` at the root of the subtree.
+
+Everything is keyed by the cgroup id, so a restarted agent finds the skills
+a dead one left in the pinned `skills` map ("orphans") and can detach them.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+from agent.compile.bpf_policy import SKILL_DNS, SKILL_FS_KILL, SKILL_FS_OBSERVE, BpfPolicy, FsRules
+from agent.enforce import bpf_hooks
+from agent.enforce.cgroup import ROOT_NAME, CgroupError, SkillCgroup, cgroup_id, task_cgroups
+from agent.attach import procs
+
+ACTIVE = "active"
+NEEDS_LAUNCH = "needs launch: "
+UNAVAILABLE = "unavailable: "
+
+# Layers a launch applies and an attach never can: a process can only
+# restrict itself (seccomp(2), landlock_restrict_self(2), unshare(2),
+# execve's environment), so these are set between fork and exec.
+LAUNCH_ONLY = {
+    "seccomp": "a seccomp filter can only be installed by the process itself",
+    "landlock": "a Landlock domain can only be entered by the process itself",
+    "namespaces": "a running process keeps its mount, PID, IPC and network namespaces",
+    "env": "the environment was fixed when the process was executed",
+    "identity": "the process keeps its uid, gid and capabilities",
+    "timeout": "the wall-clock limit is enforced by the launcher that owns the process",
+}
+ATTACH_LAYERS = ("cgroup", "resources", "bpf-connect", "nftables-cgroup", "fs-observe", "fs-kill",
+                 "fs-deny", "network-names")
+ALL_LAYERS = ATTACH_LAYERS + tuple(LAUNCH_ONLY)
+
+
+class AttachError(RuntimeError):
+    """Attach refused or failed; `layer` names the step. Nothing was changed."""
+
+    def __init__(self, layer: str, reason: str):
+        super().__init__(f"{layer}: {reason}")
+        self.layer = layer
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Attachment:
+    skill_id: str
+    name: str
+    pids: tuple[int, ...]
+    cgroup_path: str
+    cgroup_id: int
+    layers: dict[str, str]
+
+    def to_dict(self) -> dict:
+        return {"skill_id": self.skill_id, "name": self.name, "pids": list(self.pids),
+                "cgroup_path": self.cgroup_path, "cgroup_id": self.cgroup_id,
+                "layers": dict(self.layers)}
+
+
+@dataclass
+class _Skill:
+    attachment: Attachment
+    cgroup: Optional[SkillCgroup]  # None for an orphan found after a restart
+    v2_dir: Path
+    bpf: Optional[BpfPolicy]
+    fs_rules: FsRules
+    flags: int
+    origins: dict[int, dict[str, str]] = field(default_factory=dict)  # pid -> task_cgroups()
+    fs_violations: int = 0
+
+
+def _default_resolvers() -> list[str]:
+    out = []
+    try:
+        with open("/etc/resolv.conf") as f:
+            for line in f:
+                words = line.split()
+                if len(words) >= 2 and words[0] == "nameserver":
+                    out.append(words[1].split("%")[0])
+    except OSError:
+        pass
+    return out
+
+
+class Hooks:
+    """The loaded programs plus every skill attached through them."""
+
+    def __init__(self, loaded: bpf_hooks.LoadedHooks, *, subtree: str, v2_mount: Path,
+                 nft_table: Optional[str], resolvers: list[str],
+                 emit: Callable, note: Callable[[str], None]):
+        from agent.attach.nft_cgroup import NftCgroupTable, NftError
+        from agent.enforce.bpf_maps import PolicyMaps
+
+        self.loaded = loaded
+        self.subtree = subtree
+        self.v2_mount = v2_mount
+        self.maps = PolicyMaps(loaded.map_fds)
+        self.resolvers = resolvers
+        self.emit = emit
+        self.note = note
+        from agent.enforce.cgroupfs import cgroup_mounts
+
+        self.mounts = cgroup_mounts()
+        self._compiled: dict = {}
+        self._skills: dict[str, _Skill] = {}
+        self._by_cgroup: dict[int, _Skill] = {}
+        self.nft = None
+        self.nft_problem = ""
+        if nft_table:
+            try:
+                self.nft = NftCgroupTable(nft_table)
+            except ImportError as exc:
+                self.nft_problem = f"python3-nftables missing ({exc})"
+        else:
+            self.nft_problem = "disabled"
+        self._nft_error = NftError
+        self.maps.set_resolvers(resolvers)
+        self._reader = bpf_hooks.RingReader(loaded.map_fds["events"], self._on_event)
+        self._adopt_orphans()
+
+    # ---- life cycle ----
+
+    @classmethod
+    def load(cls, *, pin_dir: str = bpf_hooks.DEFAULT_PIN_DIR, subtree: str = ROOT_NAME,
+             nft_table: Optional[str] = "skillguard_cg", resolvers: Optional[Sequence[str]] = None,
+             emit: Optional[Callable] = None, note: Optional[Callable[[str], None]] = None) -> "Hooks":
+        """Load the programs once and attach them at <cgroup v2>/<subtree>."""
+        from agent.enforce.cgroupfs import cgroup_mounts
+
+        v2 = cgroup_mounts().v2
+        if v2 is None:
+            raise AttachError("cgroup", "no cgroup v2 mount: cgroup BPF hooks need one")
+        root = v2 / subtree
+        try:
+            root.mkdir(mode=0o755, exist_ok=True)
+        except OSError as exc:
+            raise AttachError("cgroup", f"mkdir {root}: {exc.strerror}") from None
+        try:
+            loaded = bpf_hooks.load(root, pin_dir)
+        except bpf_hooks.BpfError as exc:
+            raise AttachError("bpf-connect", str(exc)) from None
+        return cls(loaded, subtree=subtree, v2_mount=v2, nft_table=nft_table,
+                   resolvers=list(resolvers if resolvers is not None else _default_resolvers()),
+                   emit=emit or (lambda v: None), note=note or (lambda text: None))
+
+    def close(self, *, unload: bool = False) -> None:
+        """Stop reading events. With unload, detach every skill and remove every
+        program, link, pin and the nft table; without, enforcement stays."""
+        if unload:
+            for skill_id in list(self._skills):
+                self.detach(skill_id)
+            if self.nft is not None:
+                self.nft.drop_table()
+        self._reader.close()
+        if unload:
+            bpf_hooks.unload(self.loaded, unpin=True)
+            remove_subtree(self.subtree)
+
+    def fds(self) -> list[int]:
+        """Readable when events are waiting: give them to the event loop, then call poll()."""
+        return [self._reader.fd]
+
+    def poll(self, timeout_ms: int = 0) -> None:
+        """Read every waiting event (waiting up to timeout_ms for the first) and emit violations."""
+        self._reader.poll(timeout_ms)
+
+    def lost_events(self) -> int:
+        return bpf_hooks.lost_events(self.loaded.map_fds["lost"])
+
+    @property
+    def restarted(self) -> bool:
+        """True when links from an earlier agent were found and their programs replaced."""
+        return bool(self.loaded.replaced)
+
+    def attachments(self) -> list[Attachment]:
+        return [s.attachment for s in self._skills.values()]
+
+    # ---- attach ----
+
+    def plan_layers(self, policy, bpf: BpfPolicy) -> dict[str, str]:
+        layers = {"cgroup": ACTIVE, "resources": ACTIVE, "bpf-connect": ACTIVE}
+        layers["nftables-cgroup"] = ACTIVE if self.nft is not None else UNAVAILABLE + self.nft_problem
+        layers["fs-observe"] = ACTIVE if bpf.flags & SKILL_FS_OBSERVE else "off"
+        if policy.fs.on_violation == "kill":
+            layers["fs-kill"] = ACTIVE if bpf.flags & SKILL_FS_KILL and policy.mode == "enforce" \
+                else "off: audit mode reports instead of killing"
+        layers["fs-deny"] = NEEDS_LAUNCH + ("syscall tracepoints observe and cannot deny; "
+                                            "BPF-LSM is not used; Landlock denies in a launch")
+        if bpf.names:
+            layers["network-names"] = NEEDS_LAUNCH + (
+                "host names are admitted by the DNS stub of a launched skill's network namespace; "
+                "a registered process reaches literal addresses only")
+        for layer, why in LAUNCH_ONLY.items():
+            layers[layer] = NEEDS_LAUNCH + why
+        return layers
+
+    def prepare(self, policy, observe_fs: bool = True) -> BpfPolicy:
+        """Compile a policy's map entries ahead of attach (the daemon does it when
+        it loads its policies); attach() compiles only what was not prepared."""
+        from agent.compile.bpf_policy import compile_bpf_policy
+
+        key = (policy, observe_fs)
+        bpf = self._compiled.get(key)
+        if bpf is None:
+            try:
+                bpf = compile_bpf_policy(policy, observe_fs=observe_fs)
+            except ValueError as exc:
+                raise AttachError("compile", str(exc)) from None
+            if len(self._compiled) > 4096:
+                self._compiled.clear()
+            self._compiled[key] = bpf
+        return bpf
+
+    def attach(self, policy, pids: Iterable[int], tree: bool = False,
+               require: Iterable[str] = (), observe_fs: bool = True) -> Attachment:
+        from agent.compile.rlimits import compile_limits
+
+        pids = list(dict.fromkeys(int(p) for p in pids))
+        require = list(require)
+        unknown = [r for r in require if r not in ALL_LAYERS]
+        if unknown:
+            raise AttachError("require", f"unknown layer(s) {', '.join(unknown)}; "
+                                         f"known: {', '.join(ALL_LAYERS)}")
+        if not pids:
+            raise AttachError("pids", "no process given")
+        for pid in pids:
+            self._check_pid(pid)
+        bpf = self.prepare(policy, observe_fs)
+        layers = self.plan_layers(policy, bpf)
+        missing = [f"{r} ({layers[r]})" for r in require if layers.get(r) != ACTIVE]
+        if missing:
+            raise AttachError("require", "required layer(s) cannot be applied to a running process: "
+                                         + "; ".join(missing))
+        for text in bpf.notes:
+            self.note(text)
+
+        instance = f"p{pids[0]}-{secrets.token_hex(3)}"
+        skill_id = f"{policy.name}:{instance}"
+        try:
+            cgroup = SkillCgroup.create(policy.name, instance, compile_limits(policy.resources),
+                                        mounts=self.mounts, root=self.subtree)
+        except CgroupError as exc:
+            raise AttachError("resources" if exc.controller in ("memory", "pids", "cpu") else "cgroup",
+                              exc.reason) from None
+        if cgroup.v2_path is None:
+            cgroup.remove()  # still empty
+            raise AttachError("cgroup", "no cgroup v2 directory for the skill")
+        cg = cgroup_id(cgroup.v2_path)
+        self.note("resources: " + ", ".join(f"{c}: {w}" for c, w in cgroup.limits_applied().items()))
+        attachment = Attachment(skill_id, policy.name, tuple(pids), str(cgroup.v2_path), cg, layers)
+        skill = _Skill(attachment, cgroup, cgroup.v2_path, bpf, bpf.fs_rules, bpf.flags)
+        done: list[str] = []
+        try:
+            if bpf.flags & SKILL_FS_OBSERVE and not bpf_hooks.tracepoints_attached(self.loaded):
+                try:
+                    bpf_hooks.attach_tracepoints(self.loaded)
+                except bpf_hooks.BpfError as exc:
+                    raise AttachError("fs-observe", str(exc)) from None
+            self.maps.install(cg, bpf)
+            done.append("maps")
+            if self.nft is not None:
+                try:
+                    self.nft.add(cgroup.v2_path, self._level(cgroup.v2_path), bpf.flags, bpf.net4,
+                                 bpf.net6, self.resolvers)
+                except self._nft_error as exc:
+                    raise AttachError("nftables-cgroup", str(exc)) from None
+                done.append("nft")
+            self._skills[skill_id] = skill
+            self._by_cgroup[cg] = skill
+            done.append("registered")
+            moved = self._move_in(skill, pids, tree)
+        except BaseException:
+            self._undo(skill, done)
+            raise
+        attachment = Attachment(skill_id, policy.name, tuple(moved), str(cgroup.v2_path), cg, layers)
+        skill.attachment = attachment
+        return attachment
+
+    def _check_pid(self, pid: int) -> None:
+        if pid <= 1 or pid == os.getpid():
+            raise AttachError("pids", f"refusing to attach pid {pid}")
+        if not procs.exists(pid):
+            raise AttachError("pids", f"no process {pid}")
+        if procs.is_kernel_thread(pid):
+            raise AttachError("pids", f"pid {pid} is a kernel thread")
+        where = task_cgroups(pid).get("", "")
+        if where == f"/{self.subtree}" or where.startswith(f"/{self.subtree}/"):
+            raise AttachError("pids", f"pid {pid} is already confined ({where})")
+
+    def _level(self, v2_dir: Path) -> int:
+        return len(v2_dir.relative_to(self.v2_mount).parts)
+
+    def _move_in(self, skill: _Skill, pids: list[int], tree: bool) -> list[int]:
+        """Write each tgid into cgroup.procs: v2 and v1 both move every thread of
+        the group (cgroup-v2.rst "Processes", cgroup-v1/cgroups.rst 2.3).
+        With tree, repeat until no descendant is left outside: a child forked
+        after a move is born inside; one forked before is found on the next pass."""
+        moved: list[int] = []
+        todo = list(pids)
+        while todo:
+            pid = todo.pop(0)
+            if pid in moved:
+                continue
+            try:
+                skill.origins[pid] = task_cgroups(pid)
+                skill.cgroup.add(pid)
+            except (CgroupError, FileNotFoundError) as exc:
+                if not procs.exists(pid) and pid not in pids:
+                    continue  # a descendant that exited meanwhile
+                raise AttachError("cgroup", f"moving pid {pid}: {exc}") from None
+            moved.append(pid)
+            if tree:
+                todo.extend(c for c in procs.descendants(pid) if c not in moved)
+        return moved
+
+    # ---- detach ----
+
+    def detach(self, skill_id: str) -> None:
+        skill = self._skills.get(skill_id)
+        if skill is None:
+            raise AttachError("detach", f"no attached skill {skill_id!r}")
+        self._undo(skill, ["maps", "nft", "registered"], moving_out=True)
+
+    def _undo(self, skill: _Skill, done: list[str], moving_out: bool = False) -> None:
+        cg = skill.attachment.cgroup_id
+        errors = []
+        if skill.bpf is not None:
+            net4, net6 = skill.bpf.net4, skill.bpf.net6
+        else:  # an orphan: its grants are still in the maps
+            net4, net6 = self.maps.net_entries(cg)
+        if "maps" in done:
+            self.maps.remove(cg, skill.bpf)  # `skills` entry first: enforcement stops here
+        if "nft" in done and self.nft is not None:
+            try:
+                self.nft.remove(skill.v2_dir, skill.flags, net4, net6)
+            except self._nft_error as exc:
+                errors.append(str(exc))
+        self._move_out(skill)
+        # Never SkillCgroup.remove(): it kills members, and detaching must not.
+        dirs = [skill.v2_dir] + (list(skill.cgroup.v1_paths.values()) if skill.cgroup else [])
+        left = {pid for d in dirs for pid in _members(d)}
+        if left:
+            errors.append(f"pids {sorted(left)} could not be moved out of {skill.v2_dir}")
+        else:
+            for d in dirs:
+                _rmdir_quiet(d)
+        if "registered" in done:
+            self._skills.pop(skill.attachment.skill_id, None)
+            self._by_cgroup.pop(cg, None)
+        self._maybe_stop_tracepoints()
+        if self.nft is not None and not self._skills and not self.maps.skills():
+            try:
+                self.nft.drop_table()
+            except self._nft_error as exc:
+                errors.append(str(exc))
+        if errors:
+            raise AttachError("detach", "; ".join(errors))
+
+    def _move_out(self, skill: _Skill) -> None:
+        """Move every member back where it came from (or to the hierarchy root)."""
+        mounts = self.mounts
+        fallback = next(iter(skill.origins.values()), {})
+        dirs = [("", skill.v2_dir, mounts.v2)]
+        if skill.cgroup is not None:
+            dirs += [(c, p, mounts.v1.get(c)) for c, p in skill.cgroup.v1_paths.items()]
+        for _ in range(20):
+            stray = False
+            for controller, here, mount in dirs:
+                for pid in _members(here):
+                    stray = True
+                    origin = skill.origins.get(pid, fallback)
+                    target = _origin_dir(mount, origin, controller)
+                    for candidate in (target, mount):
+                        if candidate is not None and _write_pid(candidate, pid):
+                            break
+            if not stray:
+                return
+            time.sleep(0.005)
+
+    def _maybe_stop_tracepoints(self) -> None:
+        if any(flags & SKILL_FS_OBSERVE for flags in self.maps.skills().values()):
+            return
+        bpf_hooks.detach_tracepoints(self.loaded)
+
+    # ---- restart ----
+
+    def _adopt_orphans(self) -> None:
+        """Skills a previous agent attached are still enforced; make them detachable."""
+        mounts = self.mounts
+        root = self.v2_mount / self.subtree
+        by_id: dict[int, Path] = {}
+        for skill_dir in _subdirs(root):
+            for inst in _subdirs(skill_dir):
+                by_id[cgroup_id(inst)] = inst
+        for cg, flags in self.maps.skills().items():
+            path = by_id.get(cg)
+            if path is None:
+                self.maps.remove(cg, None)  # its cgroup is gone: nothing to enforce on
+                continue
+            skill_id = f"{path.parent.name}:{path.name}"
+            attachment = Attachment(skill_id, path.parent.name, tuple(_members(path)), str(path), cg,
+                                    {"cgroup": ACTIVE, "bpf-connect": ACTIVE})
+            rel = path.relative_to(self.v2_mount)
+            v1 = {c: m / rel for c, m in mounts.v1.items() if c in ("memory", "pids", "cpu", "freezer")
+                  and (m / rel).is_dir()}
+            cgroup = SkillCgroup(path, v1, {}, cg)
+            skill = _Skill(attachment, cgroup, path, None, FsRules(()), flags)
+            self._skills[skill_id] = skill
+            self._by_cgroup[cg] = skill
+            self.note(f"found skill {skill_id} (cgroup {cg}) attached by an earlier agent")
+        self._maybe_stop_tracepoints()
+
+    # ---- events and counters ----
+
+    def _on_event(self, data: bytes) -> None:
+        from agent.attach.fs_check import to_violation
+        from agent.enforce.bpf_maps import EV_NET, decode_event
+
+        event = decode_event(data)
+        skill = self._by_cgroup.get(event.cgroup_id)
+        name = skill.attachment.name if skill else f"cgroup:{event.cgroup_id}"
+        if skill is not None and skill.bpf is None and event.kind != EV_NET and event.decision != "killed":
+            return  # an orphan's fs rules are unknown: only kills are reported
+        violation = to_violation(name, event, skill.fs_rules if skill else FsRules(()),
+                                 bool(skill and skill.flags & SKILL_DNS))
+        if violation is None:
+            return
+        if skill is not None and violation.layer == "fs":
+            skill.fs_violations += 1
+        self.emit(violation)
+
+    def counters(self, skill_id: str) -> dict[str, int]:
+        skill = self._skills.get(skill_id)
+        if skill is None:
+            raise AttachError("counters", f"no attached skill {skill_id!r}")
+        kernel = self.maps.counters(skill.attachment.cgroup_id)
+        out = {"net_denied": kernel.net_denied if kernel else 0,
+               "fs_events": kernel.fs_events if kernel else 0,
+               "fs_killed": kernel.fs_killed if kernel else 0,
+               "fs_violations": skill.fs_violations,
+               "lost_events": self.lost_events()}
+        if self.nft is not None:
+            out["nft_rejected_all_skills"] = self.nft.counter("rejected")
+        return out
+
+    def members(self, skill_id: str) -> list[int]:
+        skill = self._skills.get(skill_id)
+        return _members(skill.v2_dir) if skill else []
+
+
+def remove_subtree(subtree: str) -> None:
+    """rmdir the subtree's root in v2 and in every v1 hierarchy, where empty
+    (launched skills may still live in it)."""
+    from agent.enforce.cgroupfs import cgroup_mounts
+
+    mounts = cgroup_mounts()
+    for mount in [mounts.v2] + sorted(set(mounts.v1.values())):
+        if mount is not None:
+            try:
+                os.rmdir(mount / subtree)
+            except OSError:
+                pass
+
+
+def _subdirs(path: Path) -> list[Path]:
+    try:
+        return [p for p in path.iterdir() if p.is_dir()]
+    except FileNotFoundError:
+        return []
+
+
+def _members(cgroup_dir: Path) -> list[int]:
+    try:
+        return [int(x) for x in (cgroup_dir / "cgroup.procs").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def _origin_dir(mount: Optional[Path], origin: dict[str, str], controller: str) -> Optional[Path]:
+    if mount is None:
+        return None
+    for key, path in origin.items():
+        if (controller == "" and key == "") or (controller and controller in key.split(",")):
+            return mount / path.lstrip("/")
+    return None
+
+
+def _write_pid(cgroup_dir: Path, pid: int) -> bool:
+    try:
+        fd = os.open(cgroup_dir / "cgroup.procs", os.O_WRONLY)
+        try:
+            os.write(fd, str(pid).encode())
+        finally:
+            os.close(fd)
+        return True
+    except OSError as exc:
+        return exc.errno == errno.ESRCH  # gone: nothing left to move
+
+
+def _rmdir_quiet(path: Path) -> None:
+    for _ in range(100):
+        try:
+            os.rmdir(path)
+        except FileNotFoundError:
+            break
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                break
+            time.sleep(0.01)
+            continue
+        break
+    try:
+        os.rmdir(path.parent)
+    except OSError:
+        pass

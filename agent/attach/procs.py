@@ -1,0 +1,73 @@
+"""Processes as /proc shows them: threads, descendants, identity."""
+from __future__ import annotations
+
+import os
+
+
+def exists(pid: int) -> bool:
+    return os.path.isdir(f"/proc/{pid}")
+
+
+def threads(pid: int) -> list[int]:
+    try:
+        return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    except FileNotFoundError:
+        return []
+
+
+def is_kernel_thread(pid: int) -> bool:
+    # PF_KTHREAD (0x00200000) in field 9 of /proc/PID/stat (proc(5)); the
+    # command may hold spaces and ')' so split after the last ')'.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return False
+    return bool(int(rest[6]) & 0x00200000)
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of every thread of `pid` (/proc/PID/task/TID/children,
+    CONFIG_PROC_CHILDREN), else found by scanning every process's ppid."""
+    found: set[int] = set()
+    tids = threads(pid)
+    if tids and os.path.exists(f"/proc/{pid}/task/{tids[0]}/children"):
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    found.update(int(x) for x in f.read().split())
+            except FileNotFoundError:
+                continue
+        return sorted(found)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (FileNotFoundError, IndexError, ValueError):
+                continue
+            if ppid == pid:
+                found.add(int(entry))
+    return sorted(found)
+
+
+def descendants(pid: int) -> list[int]:
+    out: list[int] = []
+    todo = [pid]
+    seen = {pid}
+    while todo:
+        for child in children(todo.pop()):
+            if child not in seen:
+                seen.add(child)
+                out.append(child)
+                todo.append(child)
+    return out
+
+
+def start_time(pid: int) -> int | None:
+    """Start time in clock ticks since boot (field 22): with the pid, names one process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (FileNotFoundError, IndexError, ValueError):
+        return None

@@ -1,0 +1,308 @@
+"""Load skillguard's BPF programs once, attach them through pinned links.
+
+Layout under the pin directory (default /sys/fs/bpf/skillguard/v1):
+  skills allow4 allow6 ports resolvers fs_prefixes lost events   maps (bcc pins them)
+  link_connect4 link_connect6 link_sendmsg4 link_sendmsg6          cgroup links
+  link_tp_<syscall>                                                tracepoint links, only while needed
+
+A pinned link keeps its program attached after the agent exits, so the
+cgroup hooks go on enforcing the policy in the (equally pinned) maps. A
+restarted agent compiles the programs again against the same pinned maps
+and swaps each link's program with BPF_LINK_UPDATE: at no moment is no
+program attached (kernel/bpf/cgroup.c cgroup_bpf_replace()).
+"""
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import struct
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from agent.enforce import bpf_sys, libc
+
+BPF_SRC = Path(__file__).resolve().parents[2] / "bpf"
+DEFAULT_PIN_DIR = "/sys/fs/bpf/skillguard/v1"  # v1: the map layout in bpf/skillguard.h
+RINGBUF_BYTES = 1 << 20
+
+CGROUP_PROGRAMS = (  # function, attach type, pin name
+    ("sg_connect4", bpf_sys.BPF_CGROUP_INET4_CONNECT, "link_connect4"),
+    ("sg_connect6", bpf_sys.BPF_CGROUP_INET6_CONNECT, "link_connect6"),
+    ("sg_sendmsg4", bpf_sys.BPF_CGROUP_UDP4_SENDMSG, "link_sendmsg4"),
+    ("sg_sendmsg6", bpf_sys.BPF_CGROUP_UDP6_SENDMSG, "link_sendmsg6"),
+)
+TRACEPOINT_PROGRAMS = (  # function, syscalls:sys_enter_<name>
+    ("sg_openat", "openat"),
+    ("sg_openat2", "openat2"),
+    ("sg_open", "open"),
+    ("sg_creat", "creat"),
+    ("sg_execve", "execve"),
+    ("sg_execveat", "execveat"),
+)
+MAP_NAMES = ("skills", "allow4", "allow6", "ports", "resolvers", "fs_prefixes", "lost", "events")
+
+PERF_TYPE_TRACEPOINT = 2
+PERF_FLAG_FD_CLOEXEC = 1 << 3
+
+
+class BpfError(RuntimeError):
+    """Loading or attaching a BPF program failed; says which and why."""
+
+
+def _source(name: str) -> str:
+    # bcc rewrites map calls (`skills.lookup(...)`) only in the main file, so
+    # the shared header is pasted in rather than #included.
+    header = (BPF_SRC / "skillguard.h").read_text()
+    return (BPF_SRC / name).read_text().replace('#include "skillguard.h"', header)
+
+
+def _compile(name: str, pin_dir: str):
+    import bcc  # heavy: clang/LLVM; imported only here
+
+    cflags = [f'-DPIN_DIR="{pin_dir}"', f"-DRINGBUF_BYTES={RINGBUF_BYTES}", "-w"]
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as quiet:
+            os.dup2(quiet.fileno(), 2)  # bcc prints warnings for kernel headers on fd 2
+            return bcc.BPF(text=_source(name).encode(), cflags=cflags)
+    except Exception as exc:  # noqa: BLE001 - bcc raises plain Exception
+        raise BpfError(f"compiling bpf/{name} with bcc: {exc}") from None
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _tracepoint_id(syscall: str) -> int:
+    from agent.enforce.cgroupfs import read_mounts
+
+    roots = [m.mount_point for m in read_mounts() if m.fstype == "tracefs"]
+    roots += [Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing")]
+    for root in roots:
+        path = root / "events" / "syscalls" / f"sys_enter_{syscall}" / "id"
+        if path.exists():
+            return int(path.read_text())
+    raise BpfError(f"tracepoint syscalls:sys_enter_{syscall}: no tracefs with it "
+                   "(mount tracefs on /sys/kernel/tracing)")
+
+
+def _perf_tracepoint(tp_id: int) -> int:
+    attr = bytearray(128)  # struct perf_event_attr, PERF_ATTR_SIZE_VER7
+    # type, size, config, sample_period=1; sample_type = PERF_SAMPLE_RAW (1<<10)
+    struct.pack_into("<IIQQQ", attr, 0, PERF_TYPE_TRACEPOINT, len(attr), tp_id, 1, 1 << 10)
+    buf = ctypes.create_string_buffer(bytes(attr), len(attr))
+    # pid -1, cpu 0: a tracepoint program runs on every CPU, whatever the event's CPU
+    # (kernel/trace/bpf_trace.c perf_event_attach_bpf_prog adds it to the tracepoint's array).
+    return libc.syscall("perf_event_open", buf, ctypes.c_long(-1), ctypes.c_long(0),
+                        ctypes.c_long(-1), ctypes.c_long(PERF_FLAG_FD_CLOEXEC))
+
+
+@dataclass
+class LoadedHooks:
+    pin_dir: str
+    cgroup_root: Path
+    map_fds: dict[str, int]
+    cgroup_prog_fds: dict[str, int]
+    tp_prog_fds: dict[str, int]
+    link_fds: dict[str, int] = field(default_factory=dict)
+    replaced: list[str] = field(default_factory=list)  # links that existed (agent restart)
+    _bcc: list = field(default_factory=list)  # keeps the bcc objects (and their fds) alive
+
+
+def load(cgroup_root: Path, pin_dir: str = DEFAULT_PIN_DIR) -> LoadedHooks:
+    """Compile and load every program; attach (or swap into) the pinned cgroup links."""
+    if not pin_dir.startswith(bpf_sys.DEFAULT_BPFFS + "/"):
+        raise BpfError(f"pin dir {pin_dir} is not under {bpf_sys.DEFAULT_BPFFS}")
+    try:
+        bpf_sys.ensure_bpffs()
+        os.makedirs(pin_dir, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise BpfError(f"bpffs: {exc}") from None
+    connect = _compile("connect.c", pin_dir)
+    fs = _compile("fs_observe.c", pin_dir)
+    import bcc
+
+    try:
+        cgroup_progs = {fn: connect.load_func(fn.encode(), bcc.BPF.CGROUP_SOCK_ADDR, attach_type=at).fd
+                        for fn, at, _ in CGROUP_PROGRAMS}
+        tp_progs = {fn: fs.load_func(fn.encode(), bcc.BPF.TRACEPOINT).fd for fn, _ in TRACEPOINT_PROGRAMS}
+    except Exception as exc:  # noqa: BLE001
+        raise BpfError(f"loading a program: {exc}") from None
+    map_fds = {}
+    for name in MAP_NAMES:
+        try:
+            map_fds[name] = bpf_sys.obj_get(f"{pin_dir}/{name}")
+        except OSError as exc:
+            raise BpfError(f"map {name} not pinned at {pin_dir}/{name}: {exc}") from None
+    hooks = LoadedHooks(pin_dir, cgroup_root, map_fds, cgroup_progs, tp_progs, _bcc=[connect, fs])
+    _attach_cgroup_links(hooks)
+    return hooks
+
+
+def _attach_cgroup_links(hooks: LoadedHooks) -> None:
+    try:
+        cgroup_fd = os.open(hooks.cgroup_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise BpfError(f"opening cgroup {hooks.cgroup_root}: {exc.strerror}") from None
+    try:
+        for fn, attach_type, pin in CGROUP_PROGRAMS:
+            path = f"{hooks.pin_dir}/{pin}"
+            prog = hooks.cgroup_prog_fds[fn]
+            try:
+                link = bpf_sys.obj_get(path)
+            except FileNotFoundError:
+                link = None
+            try:
+                if link is not None:
+                    bpf_sys.link_update(link, prog)  # atomic: the old program runs until this returns
+                    hooks.replaced.append(pin)
+                else:
+                    link = bpf_sys.link_create(prog, cgroup_fd, attach_type)
+                    bpf_sys.obj_pin(link, path)
+            except OSError as exc:
+                raise BpfError(f"attaching {fn} to {hooks.cgroup_root}: {exc.strerror}") from None
+            hooks.link_fds[pin] = link
+    finally:
+        os.close(cgroup_fd)
+
+
+def tracepoints_attached(hooks: LoadedHooks) -> bool:
+    return any(os.path.exists(f"{hooks.pin_dir}/link_tp_{name}") for _, name in TRACEPOINT_PROGRAMS)
+
+
+def attach_tracepoints(hooks: LoadedHooks) -> None:
+    """Attach (or re-point, after a restart) the syscall tracepoints; pinned like the cgroup links."""
+    done = []
+    try:
+        for fn, name in TRACEPOINT_PROGRAMS:
+            pin = f"link_tp_{name}"
+            path = f"{hooks.pin_dir}/{pin}"
+            try:
+                link = bpf_sys.obj_get(path)
+                bpf_sys.link_update(link, hooks.tp_prog_fds[fn])
+            except FileNotFoundError:
+                event = _perf_tracepoint(_tracepoint_id(name))
+                try:
+                    link = bpf_sys.link_create(hooks.tp_prog_fds[fn], event, bpf_sys.BPF_PERF_EVENT)
+                finally:
+                    os.close(event)  # the link holds the perf event
+                bpf_sys.obj_pin(link, path)
+            hooks.link_fds[pin] = link
+            done.append(pin)
+    except OSError as exc:
+        for pin in done:
+            _drop_link(hooks, pin)
+        raise BpfError(f"attaching syscall tracepoints: {exc.strerror or exc}") from None
+
+
+def detach_tracepoints(hooks: LoadedHooks) -> None:
+    for _, name in TRACEPOINT_PROGRAMS:
+        _drop_link(hooks, f"link_tp_{name}")
+
+
+def _drop_link(hooks: LoadedHooks, pin: str) -> None:
+    path = f"{hooks.pin_dir}/{pin}"
+    fd = hooks.link_fds.pop(pin, None)
+    if fd is None:
+        try:
+            fd = bpf_sys.obj_get(path)
+        except FileNotFoundError:
+            fd = None
+    if fd is not None:
+        try:
+            bpf_sys.link_detach(fd)  # detaches now, whoever else holds the link
+        except OSError:
+            pass
+        os.close(fd)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def unload(hooks: LoadedHooks, *, unpin: bool = True) -> None:
+    """Detach every link and (with unpin) remove every pin: nothing stays in the kernel."""
+    detach_tracepoints(hooks)
+    for _, _, pin in CGROUP_PROGRAMS:
+        _drop_link(hooks, pin)
+    for fd in hooks.map_fds.values():
+        os.close(fd)
+    hooks.map_fds.clear()
+    for b in hooks._bcc:
+        b.cleanup()
+    hooks._bcc.clear()
+    if unpin:
+        remove_pins(hooks.pin_dir)
+
+
+def remove_pins(pin_dir: str) -> None:
+    if not os.path.isdir(pin_dir):
+        return
+    for name in os.listdir(pin_dir):
+        if name.startswith("link_"):
+            try:
+                fd = bpf_sys.obj_get(f"{pin_dir}/{name}")
+                bpf_sys.link_detach(fd)
+                os.close(fd)
+            except OSError:
+                pass
+        os.unlink(f"{pin_dir}/{name}")
+    os.rmdir(pin_dir)
+
+
+# ---- events ----------------------------------------------------------------
+
+class RingReader:
+    """Reads the pinned ring buffer through libbcc; `fd` is pollable (EPOLLIN on data)."""
+
+    def __init__(self, map_fd: int, on_event: Callable[[bytes], None]):
+        from bcc.libbcc import _RINGBUF_CB_TYPE, lib
+
+        self.fd = map_fd
+        self._lib = lib
+
+        def callback(_ctx, data, size):
+            try:
+                on_event(ctypes.string_at(data, size))
+            except Exception as exc:  # noqa: BLE001 - never unwind through C
+                print(f"skillguard: event handler failed: {exc!r}", file=sys.stderr)
+            return 0
+
+        self._cb = _RINGBUF_CB_TYPE(callback)
+        self._manager = lib.bpf_new_ringbuf(map_fd, self._cb, None)
+        if not self._manager:
+            raise BpfError("libbcc could not open the ring buffer")
+
+    def poll(self, timeout_ms: int = 0) -> None:
+        self._lib.bpf_poll_ringbuf(self._manager, timeout_ms)
+
+    def consume(self) -> None:
+        self._lib.bpf_consume_ringbuf(self._manager)
+
+    def close(self) -> None:
+        if self._manager:
+            self._lib.bpf_free_ringbuf(self._manager)
+            self._manager = None
+
+
+def lost_events(map_fd: int) -> int:
+    """Sum of the per-CPU `lost` counter."""
+    ncpu = _possible_cpus()
+    rmap = bpf_sys.RawMap(map_fd, 4, 8 * ncpu, "lost")
+    value = rmap.lookup(struct.pack("<I", 0)) or b""
+    return sum(struct.unpack(f"<{len(value) // 8}Q", value))
+
+
+def _possible_cpus() -> int:
+    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    count = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        count += int(hi or lo) - int(lo) + 1
+    return count
+
+
+def set_cloexec(fd: int) -> None:
+    fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.fcntl(fd, fcntl.F_GETFD) | fcntl.FD_CLOEXEC)
