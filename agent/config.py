@@ -35,9 +35,26 @@ class HostConfig:
     require_signed: bool = False
     trusted_keys: tuple[str, ...] = ()  # paths of Ed25519 public key files
     source: str = "<defaults>"  # the file these values came from
+    # The daemon's socket API and event pipeline (docs/api.md, docs/operations.md).
+    request_max_bytes: int = 1_048_576  # one JSON-RPC line, newline included
+    request_timeout_s: float = 10.0  # a request that has begun must end within this
+    idle_timeout_s: float = 600.0  # a connection with no request and no `events` stream; 0: never
+    max_clients: int = 256  # connections at once; more are answered with an error and closed
+    subscriber_queue: int = 10_000  # events buffered per `events` subscriber before it loses some
+    event_rate_limit: int = 1_000  # events per skill per second written and streamed; the rest counted as suppressed
+    metrics_skill_labels: int = 200  # distinct `skill` label values; the rest are counted under "_other"
+    # Registered skills (agent/attach): where the eBPF objects are pinned, the
+    # cgroup v2 subtree the hooks attach at, the nftables table of socket-cgroup rules.
+    bpf_pin_dir: str = "/sys/fs/bpf/skillguard/v1"
+    cgroup_subtree: str = "skillguard"
+    nft_cgroup_table: str = "skillguard_cg"
 
 
 _TUPLES = {"dns_upstream", "trusted_keys"}
+_INTS = {"request_max_bytes": (1024, 1 << 30), "max_clients": (1, 65536),
+         "subscriber_queue": (1, 10_000_000), "event_rate_limit": (1, 100_000_000),
+         "metrics_skill_labels": (1, 100_000)}
+_FLOATS = {"request_timeout_s": (0.01, 3600.0), "idle_timeout_s": (0.0, 31_536_000.0)}
 
 
 def load_host_config(path: Optional[str] = None) -> HostConfig:
@@ -92,6 +109,8 @@ def parse_host_config(text: str, path: str = "<string>") -> HostConfig:
             continue
         if key == "socket_mode" and isinstance(value, str):
             value = int(value, 8)
+        if key in _FLOATS:
+            value = float(value)
         values[key] = tuple(value) if key in _TUPLES else value
     if errors:
         raise ConfigError("\n".join(errors))
@@ -105,6 +124,14 @@ def _check(key: str, value) -> Optional[str]:
         return None
     if key == "require_signed":
         return None if isinstance(value, bool) else "must be true or false"
+    if key in _INTS:
+        low, high = _INTS[key]
+        ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+        return None if ok else f"must be an integer from {low} to {high}"
+    if key in _FLOATS:
+        low, high = _FLOATS[key]
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+        return None if ok else f"must be a number of seconds from {low:g} to {high:g}"
     if key == "socket_mode":
         # YAML 1.1 reads 0660 as octal but not 0o660; take both, and the quoted forms.
         if isinstance(value, str):
@@ -133,4 +160,37 @@ def _check(key: str, value) -> Optional[str]:
         return None if network.version == 4 and network.prefixlen <= 28 else "must be an IPv4 CIDR of /28 or larger"
     if not isinstance(value, str):
         return "must be a string"
+    if key == "bpf_pin_dir" and not value.startswith("/sys/fs/bpf/"):
+        return "must be a directory below /sys/fs/bpf"
+    if key == "cgroup_subtree" and (not value.replace("-", "").replace("_", "").replace(".", "").isalnum()
+                                    or value.startswith(".")):
+        return "must be one cgroup directory name (letters, digits, - _ .)"
+    if key == "nft_cgroup_table" and not value.replace("_", "").isalnum():
+        return "must be an nftables table name (letters, digits, _)"
+    if key in ("socket_path", "policy_dir", "state_root") and not value.startswith("/"):
+        return "must be an absolute path"
+    if key == "socket_path" and len(value.encode()) > 107:
+        return "must be at most 107 bytes (sun_path, unix(7))"
+    if key == "metrics_address" and value:
+        try:
+            split_host_port(value)
+        except ValueError as exc:
+            return str(exc)
     return None
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """"127.0.0.1:9464" or "[::1]:9464" -> (host, port); ValueError if malformed."""
+    host, sep, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:9464 or [::1]:9464")
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            raise ValueError(f"host {host!r} must be an IP address or localhost") from None
+    return host, int(port)

@@ -1,0 +1,74 @@
+"""Learn at once when a registered skill's cgroup empties: inotify on its
+cgroup v2 `cgroup.events`, which the kernel marks modified when `populated`
+changes (Documentation/admin-guide/cgroup-v2.rst, "cgroup.events"). One
+inotify fd on the event loop for every skill; the daemon's periodic sweep
+catches anything without a v2 path."""
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+from typing import Callable, Iterable
+
+IN_MODIFY = 0x00000002
+IN_NONBLOCK = os.O_NONBLOCK
+IN_CLOEXEC = os.O_CLOEXEC
+_EVENT = struct.Struct("=iIII")  # struct inotify_event without its name (inotify(7))
+
+
+class CgroupWatch:
+    def __init__(self, loop, on_change: Callable[[str], None]):
+        self.loop = loop
+        self.on_change = on_change
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self._libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        if self.fd < 0:
+            self.fd = None  # the sweep alone then notices empty cgroups
+            return
+        self.by_wd: dict[int, str] = {}
+        self.by_skill: dict[str, int] = {}
+        loop.add_reader(self.fd, self._on_readable)
+
+    def watch(self, skill_id: str, cgroup_paths: Iterable[str]) -> bool:
+        if self.fd is None:
+            return False
+        for path in cgroup_paths:
+            events = os.path.join(path, "cgroup.events")
+            if not os.path.exists(events):
+                continue
+            wd = self._libc.inotify_add_watch(self.fd, events.encode(), IN_MODIFY)
+            if wd >= 0:
+                self.by_wd[wd] = skill_id
+                self.by_skill[skill_id] = wd
+                return True
+        return False
+
+    def unwatch(self, skill_id: str) -> None:
+        if self.fd is None:
+            return
+        wd = self.by_skill.pop(skill_id, None)
+        if wd is not None:
+            self.by_wd.pop(wd, None)
+            self._libc.inotify_rm_watch(self.fd, wd)
+
+    def _on_readable(self) -> None:
+        try:
+            data = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return
+        offset = 0
+        changed = set()
+        while offset + _EVENT.size <= len(data):
+            wd, _mask, _cookie, length = _EVENT.unpack_from(data, offset)
+            offset += _EVENT.size + length
+            skill_id = self.by_wd.get(wd)
+            if skill_id is not None:
+                changed.add(skill_id)
+        for skill_id in changed:
+            self.on_change(skill_id)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            self.loop.remove_reader(self.fd)
+            os.close(self.fd)
+            self.fd = None

@@ -1,0 +1,291 @@
+"""Test harness: a real `skillguard daemon` subprocess with its own socket,
+state root, policy directory and metrics port, and clients for it.
+
+Paths live under /var/tmp (short enough for sun_path, and outside the
+private /tmp every launched skill gets). Everything a daemon started is
+ended by pid at tear-down: its supervisors (from its registry) and itself.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def manifest_text(name: str, work: str, extra: str = "", timeout: str = "60s") -> str:
+    return textwrap.dedent(f"""\
+        name: {name}
+        version: "1"
+        permissions:
+          fs:
+            dirs:
+              - {work}:rw
+        resources:
+          pids: 64
+          timeout: {timeout}
+        """) + extra
+
+
+class DaemonProcess:
+    def __init__(self, root: Path, config_extra: str = "", wrap: tuple = ()):
+        self.root = root
+        self.wrap = list(wrap)  # a command prefix, e.g. setpriv with the unit's capabilities
+        self.socket = str(root / "agent.sock")
+        self.state = root / "state"
+        self.policies = root / "policies"
+        self.work = root / "work"
+        self.log = root / "events.log"
+        self.stderr_path = root / "daemon.err"
+        self.port = free_port()
+        tag = root.name.replace("sg-e2e-", "").lower()
+        tag = "".join(c if c.isalnum() else "x" for c in tag)
+        self.subtree = f"sg-e2e-{tag}"
+        self.pin_dir = f"/sys/fs/bpf/sg-e2e-{tag}/v1"
+        self.nft_table = f"sge2e_{tag}"
+        self.config = root / "agent.yaml"
+        self.config.write_text(textwrap.dedent(f"""\
+            socket_path: {self.socket}
+            socket_mode: 0666
+            metrics_address: 127.0.0.1:{self.port}
+            policy_dir: {self.policies}
+            state_root: {self.state}
+            log_path: {self.log}
+            request_timeout_s: 1
+            bpf_pin_dir: {self.pin_dir}
+            cgroup_subtree: {self.subtree}
+            nft_cgroup_table: {self.nft_table}
+            """) + config_extra)
+        self.proc: subprocess.Popen | None = None
+        self.pids_seen: set[int] = set()
+
+    # -- lifecycle --
+
+    def start(self, wait: bool = True) -> "DaemonProcess":
+        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+        env.pop("NOTIFY_SOCKET", None)
+        self.stderr = open(self.stderr_path, "ab")
+        self.proc = subprocess.Popen(self.wrap + [PYTHON, "-m", "agent", "daemon", "--config", str(self.config)],
+                                     cwd=str(REPO_ROOT), env=env, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=self.stderr)
+        if wait:
+            wait_for(self._answers, 20, 0.05, f"the daemon on {self.socket} "
+                                                f"(stderr: {self.stderr_path})")
+        return self
+
+    def _answers(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"daemon exited with {self.proc.returncode}: {self.stderr_text()}")
+        from agent.client import daemon_answers
+
+        return daemon_answers(self.socket, timeout=1.0)
+
+    def stderr_text(self) -> str:
+        try:
+            return self.stderr_path.read_text()
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.stderr.close()
+        return self.proc.returncode
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self.stderr.close()
+
+    def end_supervisors(self) -> None:
+        """SIGKILL every supervisor this state root's launches recorded (their
+        skills die with them: PR_SET_PDEATHSIG)."""
+        registry = self.state / "registry"
+        pids = set(self.pids_seen)
+        if registry.is_dir():
+            for path in registry.glob("*.json"):
+                try:
+                    record = json.loads(path.read_text())["record"]
+                except (OSError, ValueError, KeyError):
+                    continue
+                if record.get("supervisor_pid"):
+                    pids.add(record["supervisor_pid"])
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def unload_hooks(self) -> None:
+        """Remove what this daemon's hooks pinned and created: pins (which
+        detaches the programs), the cgroup subtree, the nft table."""
+        pin_parent = os.path.dirname(self.pin_dir)
+        for directory in (self.pin_dir, pin_parent):
+            if os.path.isdir(directory):
+                for name in os.listdir(directory):
+                    path = os.path.join(directory, name)
+                    if not os.path.isdir(path):
+                        os.unlink(path)
+                try:
+                    os.rmdir(directory)
+                except OSError:
+                    pass
+        if os.path.isdir(pin_parent):
+            try:
+                os.rmdir(pin_parent)
+            except OSError:
+                pass
+        from agent.enforce.cgroupfs import cgroup_mounts
+
+        mounts = cgroup_mounts()
+        for mount in [mounts.v2] + sorted(set(mounts.v1.values())):
+            if mount is None:
+                continue
+            top = mount / self.subtree
+            if top.is_dir():
+                for dirpath, _dirs, _files in sorted(os.walk(top), key=lambda t: -len(t[0])):
+                    try:
+                        os.rmdir(dirpath)
+                    except OSError:
+                        pass
+        subprocess.run(["nft", "delete", "table", "inet", self.nft_table], capture_output=True)
+
+    # -- clients --
+
+    def client(self, timeout: float = 30.0):
+        from agent.client import Client
+
+        return Client(self.socket, timeout=timeout)
+
+    def call(self, method: str, params: dict | None = None, fds=()):
+        with self.client() as c:
+            return c.call(method, params or {}, fds=fds)
+
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as reply:
+            return reply.read().decode()
+
+    def metric(self, name: str, **labels) -> float:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        total = 0.0
+        found = False
+        for family in text_string_to_metric_families(self.metrics_text()):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    total += sample.value
+                    found = True
+        return total if found else 0.0
+
+    # -- launching --
+
+    def launch(self, manifest: str, argv: list[str], *, capture: bool = True, **extra):
+        """Launch through the socket with stdio as pipes. Returns (reply, stdout reader fd)."""
+        null = os.open("/dev/null", os.O_RDWR)
+        r, w = os.pipe()
+        try:
+            params = {"manifest": manifest, "argv": argv, "stdio": True, "cwd": str(self.work), **extra}
+            reply = self.call("launch", params, fds=[null, w, w] if capture else [null, null, null])
+        finally:
+            os.close(null)
+            os.close(w)
+        self.pids_seen.add(reply["supervisor_pid"])
+        return reply, r
+
+
+def make_root() -> Path:
+    root = Path(tempfile.mkdtemp(prefix="sg-e2e-", dir="/var/tmp"))
+    os.chmod(root, 0o711)
+    for name in ("state", "policies", "work"):
+        (root / name).mkdir()
+    os.chmod(root / "work", 0o777)
+    return root
+
+
+def remove_root(root: Path) -> None:
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def read_all(fd: int, timeout: float = 30.0) -> str:
+    import select
+
+    chunks = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            data = os.read(fd, 65536)
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode(errors="replace")
+
+
+class LineReader:
+    """Reads lines from a pipe fd as they come (the skill's stdout)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.buffer = b""
+
+    def readline(self, timeout: float = 15.0) -> str:
+        import select
+
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no line from the skill within {timeout}s (have {self.buffer!r})")
+            ready, _, _ = select.select([self.fd], [], [], remaining)
+            if ready:
+                data = os.read(self.fd, 65536)
+                if not data:
+                    raise AssertionError(f"the skill closed its output (have {self.buffer!r})")
+                self.buffer += data
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line.decode()
+
+    def close(self) -> None:
+        os.close(self.fd)
