@@ -14,7 +14,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import IO, Optional
 
-LAYERS = ("seccomp", "landlock", "cgroup", "timeout", "env", "network", "launch")
+LAYERS = ("seccomp", "landlock", "cgroup", "timeout", "env", "network", "launch", "invoke",
+          "exec", "fs")
 DECISIONS = ("denied", "killed", "audited")
 
 

@@ -48,6 +48,7 @@ class RunOptions:
     uid_range: Optional[str] = None
     cwd: Optional[str] = None  # default: the caller's cwd if granted, else HOME
     caller_env: Optional[Mapping[str, str]] = None  # default: os.environ
+    host_config: Optional[object] = None  # agent.config.HostConfig; default: load_host_config()
 
 
 @dataclass
@@ -93,7 +94,9 @@ def _seccomp_for_launch(policy: Policy):
                                          "and no manifest can allow it")
     routed = replace(base, always_deny=())
     try:
-        artifact = seccomp.compile_seccomp(policy, deny_action="notify", profile=routed)
+        # execve/execveat always reach the supervisor: exec supervision (issue 7).
+        artifact = seccomp.compile_seccomp(policy, deny_action="notify", profile=routed,
+                                           notify=("execve", "execveat"))
     except (ValueError, RuntimeError) as exc:
         raise LaunchError("seccomp", str(exc)) from None
     return artifact, frozenset(base.always_deny)
@@ -161,10 +164,21 @@ class Supervisor:
         from agent.launch.mounts import MountPlan
 
         policy = self.policy
+        self.network = None  # netns.NetworkSpec when the manifest grants network
+        self.net = None  # netns.NetnsHandle once attached
+        resolv = None
         if policy.network_granted:
-            raise LaunchError("network", "network grants (tcp/http) are not yet available "
-                                         "for launched skills (netns+nftables: issue 4); refusing "
-                                         "to start rather than confine less than the manifest says")
+            from agent.config import ConfigError, load_host_config
+            from agent.launch.identity import state_root
+            from agent.launch.netns import NetworkSetupError, plan_network, resolv_conf
+
+            try:
+                host = self.options.host_config or load_host_config()
+                root = state_root(self.options.state_root)
+                self.network = plan_network(policy, host, root)
+                resolv = resolv_conf(root)
+            except (ConfigError, NetworkSetupError, IdentityError, OSError) as exc:
+                raise LaunchError("network", str(exc)) from None
         try:
             identity = allocate(policy.name, root=self.options.state_root,
                                 range_=self.options.uid_range)
@@ -185,24 +199,62 @@ class Supervisor:
         cwd = self.options.cwd or next(
             (caller_cwd for g in grants if _within(caller_cwd, g)), identity.state_dir)
         executable = _resolve(argv[0], env_map["PATH"], cwd)
+        exec_fd = None
+        if policy.entrypoint_sha256:
+            # Hash the open file and execute that fd (execveat AT_EMPTY_PATH):
+            # a file renamed over the path after this check is never run.
+            from agent.package.pin import PinError, open_pinned
 
-        from agent.compile.landlock import LandlockCompileError
+            try:
+                exec_fd = open_pinned(executable, policy.entrypoint_sha256)
+            except PinError as exc:
+                raise LaunchError("pin", f"entrypoint_sha256: {exc}") from None
 
+        from agent.cache import key_of, memo
+        from agent.compile.landlock import LandlockCompileError, default_base_profile
+        from agent.launch.identity import state_root
+
+        cache_root = state_root(self.options.state_root)
         try:
-            landlock = compile_landlock(policy, state_dir=identity.state_dir,
+            # The base profile's parse is memoized; the ruleset is not (it
+            # looks at the filesystem: globs, which base paths exist).
+            base = memo("landlock-base", b"", default_base_profile, root=cache_root)
+            landlock = compile_landlock(policy, base=base, state_dir=identity.state_dir,
                                         exec_paths=(executable,))
         except LandlockCompileError as exc:
             raise LaunchError("landlock", str(exc)) from None
+        landlock = self._plan_exec(landlock, env_map["PATH"], executable)
         # The private /tmp is a tmpfs mounted by the child; this rule is
         # opened after the mount, so it names that tmpfs, not the host's /tmp.
         landlock = replace(landlock, path_rules=landlock.path_rules
                            + (PathRule("/tmp", READ_WRITE, "private-tmp"),))
+        if exec_fd is not None:
+            # Grant execute on the pinned inode (the child opens the rule's
+            # path, and /proc/self/fd/N leads to the fd's file), not on
+            # whatever the path names by then.
+            from agent.compile.landlock import EXECUTE_FILE
+
+            landlock = replace(landlock, path_rules=tuple(
+                r for r in landlock.path_rules
+                if not (r.path == os.path.normpath(executable) and r.origin in ("entrypoint", "exec"))
+            ) + (PathRule(f"/proc/self/fd/{exec_fd}", EXECUTE_FILE, "entrypoint-pinned"),))
+        if self.network is not None and "connect_tcp" in landlock.handled_net:
+            # The skill's nftables table checks address *and* port and reports
+            # each refusal (NFLOG); a Landlock port check would refuse first,
+            # silently. bind_tcp stays handled: skills never listen.
+            landlock = replace(landlock, connect_ports=(),
+                               handled_net=tuple(r for r in landlock.handled_net if r != "connect_tcp"),
+                               notes=tuple(t for t in landlock.notes if "connect" not in t and "port 53" not in t)
+                               + ("net: connect_tcp left to the skill's nftables table (address and port; "
+                                  "every refusal is an event)",))
         for text in landlock.notes:
             if not text.startswith("base:"):
                 self.note(f"landlock: {text}")
         if self.options.audit:
             self.note("landlock: skipped (--audit on the command line); file access is not confined")
-        seccomp_artifact, self.always_deny = _seccomp_for_launch(policy)
+        # Pure in the policy and the base profile: memoized across launches.
+        seccomp_artifact, self.always_deny = memo(
+            "seccomp-launch", key_of(policy), lambda: _seccomp_for_launch(policy), root=cache_root)
         self.seccomp = seccomp_artifact
         limits = compile_limits(policy.resources)
         try:
@@ -227,10 +279,12 @@ class Supervisor:
             gid=identity.gid,
             hostname=safe_name(policy.name)[:64],
             cgroup=cgroup,
-            mounts=MountPlan(binds, identity.uid, identity.gid, limits.memory_bytes),
+            mounts=MountPlan(binds, identity.uid, identity.gid, limits.memory_bytes, resolv_conf=resolv),
+            wait_for_network=self.network is not None,
             rlimits=compile_rlimits(policy.resources),
             landlock=None if self.options.audit else landlock,
             seccomp_bpf=seccomp_artifact.bpf,
+            exec_fd=exec_fd,
         )
 
     # -- fork and supervise --
@@ -240,6 +294,8 @@ class Supervisor:
         try:
             return self._run(plan)
         finally:
+            if self.net is not None:
+                self.net.close()
             try:
                 self.cgroup.remove()
             except Exception as exc:  # noqa: BLE001 - report, do not mask the result
@@ -268,6 +324,13 @@ class Supervisor:
         child_sock.close()
         os.close(err_w)
         self.pid = pid
+        if self.network is not None:
+            try:
+                self._attach_network(pid, parent_sock)
+            except BaseException:
+                parent_sock.close()
+                os.close(err_r)
+                raise
         previous = {s: signal.signal(s, self._forward) for s in FORWARDED}
         try:
             status, started, listener, wait_status = self._supervise(pid, parent_sock, err_r)
@@ -287,6 +350,34 @@ class Supervisor:
         if started is not True and not isinstance(started, LaunchError) and code == 0:
             code = SETUP_FAILED
         return RunResult(code, wait_status, self.violations, self.notes)
+
+    def _attach_network(self, pid: int, sock: socket.socket) -> None:
+        """The child has unshared its network namespace: give it the veth, the
+        table, the DNS stub (agent/launch/netns.py), then let it go on."""
+        from agent.launch.netns import NetnsHandle
+
+        try:
+            ready = sock.recv(16)
+        except OSError:
+            ready = b""
+        if ready != b"netns":
+            return  # the child failed before unsharing; _supervise reads why
+        handle = NetnsHandle(self.network, self.emit, self.note)
+        try:
+            handle.attach(pid)
+            sock.send(b"go")
+        except BaseException as exc:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except OSError:
+                pass
+            handle.close()
+            if isinstance(exc, Exception):
+                raise LaunchError("network", f"{type(exc).__name__}: {exc}") from None
+            raise
+        self.net = handle
+        self.readers.update(handle.readers())
 
     @staticmethod
     def _counter(read) -> int:
@@ -409,12 +500,51 @@ class Supervisor:
         if request is None:
             return
         name = notify.syscall_name(request.nr, request.arch)
+        if name in ("execve", "execveat") and name not in self.policy.syscalls.deny:
+            self._exec_supervisor().handle(listener, request)
+            return
         operation, rule = self._describe(name, request.args)
         always = name in self.always_deny
         resume = self.audit and not always
         notify.respond(listener, request.id, error=1, resume=resume)  # 1 = EPERM
         self.emit(pid=request.pid, layer="seccomp", operation=operation,
                   decision="audited" if resume else "denied", rule=rule)
+
+    def _plan_exec(self, landlock, path_env: str, executable: str):
+        """Compile the shell allowlist (self.exec_rules) and pin Landlock
+        execute rights to the programs it admits plus the entrypoint."""
+        from agent.compile.exec_policy import (ExecPolicyError, compile_exec_rules,
+                                               execute_pins, pin_execute)
+
+        writable = ["/tmp"] + [rule.path for rule in landlock.path_rules
+                               if "write_file" in rule.access or "make_reg" in rule.access]
+        try:
+            self.exec_rules = compile_exec_rules(self.policy.shell, path_env, writable=writable)
+        except ExecPolicyError as exc:
+            raise LaunchError("shell", str(exc)) from None
+        for text in self.exec_rules.notes:
+            self.note(f"shell: {text}")
+        if self.audit:
+            self.note("shell: audit mode: refused execs are reported and allowed; Landlock "
+                      "execute rights are not pinned")
+            return landlock
+        if self.exec_rules.any_program:
+            return landlock
+        programs = self.exec_rules.programs
+        entry = os.path.realpath(executable)
+        pins = execute_pins(programs + (executable,))
+        # The entrypoint keeps the rule the launcher made for it (a path, or
+        # the pinned fd); here only what the kernel opens to run it is added.
+        return pin_execute(landlock, tuple(p for p in pins if p != entry or p in programs))
+
+    def _exec_supervisor(self):
+        if getattr(self, "_exec", None) is None:
+            from agent.launch.exec_supervisor import ExecSupervisor
+
+            self._exec = ExecSupervisor(
+                self.exec_rules, self.pid, audit=self.audit,
+                emit=lambda **fields: self.emit(layer="exec", **fields))
+        return self._exec
 
     def _describe(self, name: str, args: Sequence[int]) -> tuple[str, str]:
         from agent.compile.seccomp import AF_INET, AF_INET6, AF_NETLINK, AF_UNIX

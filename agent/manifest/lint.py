@@ -4,6 +4,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
+from agent.manifest.glob import match_host
 from agent.manifest.model import Policy
 from agent.manifest.nodes import Pos
 from agent.manifest.parse import Problem
@@ -85,6 +86,15 @@ def lint(policy: Policy, positions: dict[str, Pos]) -> list[Problem]:
                     f"only {rule.host.text} port {rule.port} is")
         if rule.host.name == "**":
             warn(f, f"'{rule.text}': allows every host")
+
+    for block in ("tcp", "http"):
+        part = getattr(policy, block)
+        names = [r.host.name for r in part.allowlist if r.host.name]
+        for i, pattern in enumerate(part.private_names):
+            if not any(n == pattern or match_host(n, pattern) for n in names):
+                warn(f"permissions.{block}.private_names[{i}]",
+                     f"'{pattern}' matches no name rule in permissions.{block}.allowlist; "
+                     "it admits nothing")
 
     for i, cmd in enumerate(policy.shell.allowlist):
         f = f"permissions.shell.allowlist[{i}]"

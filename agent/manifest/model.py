@@ -33,6 +33,9 @@ class DirGrant:
 class FsPolicy:
     enabled: bool = False
     dirs: tuple[DirGrant, ...] = ()
+    # What a registered (attached) process gets for opening a path outside
+    # every grant: "report" (an event) or "kill" (SIGKILL from the tracepoint).
+    on_violation: Literal["report", "kill"] = "report"
 
     @property
     def grants(self) -> tuple[DirGrant, ...]:
@@ -75,6 +78,8 @@ class UrlRule:
 class TcpPolicy:
     enabled: bool = False
     allowlist: tuple[TcpRule, ...] = ()
+    # DNS name patterns whose answers may be private (RFC 1918, ULA); see agent/net/admit.py.
+    private_names: tuple[str, ...] = ()
 
     @property
     def grants(self) -> tuple[TcpRule, ...]:
@@ -86,6 +91,7 @@ class HttpPolicy:
     enabled: bool = False
     allowlist: tuple[UrlRule, ...] = ()
     https_only: bool = False
+    private_names: tuple[str, ...] = ()  # as TcpPolicy.private_names
 
     @property
     def grants(self) -> tuple[UrlRule, ...]:
@@ -142,6 +148,8 @@ class Policy:
     version: str
     mode: Mode = "enforce"
     entrypoint: tuple[str, ...] = ()
+    # `entrypoint_sha256`: lower-case hex; the launcher executes only a program with this digest.
+    entrypoint_sha256: Optional[str] = None
     fs: FsPolicy = field(default_factory=FsPolicy)
     http: HttpPolicy = field(default_factory=HttpPolicy)
     tcp: TcpPolicy = field(default_factory=TcpPolicy)

@@ -295,7 +295,7 @@ def syscall_name(c: Checker, text: str, v: Value, name: str) -> Optional[str]:
 
 # -- the blocks ---------------------------------------------------------------
 
-TOP_KEYS = ("name", "version", "description", "mode", "entrypoint", "permissions",
+TOP_KEYS = ("name", "version", "description", "mode", "entrypoint", "entrypoint_sha256", "permissions",
             "env", "resources", "syscalls", "invoke_policy")
 PERMISSION_KEYS = ("fs", "http", "tcp", "shell")
 
@@ -317,6 +317,7 @@ def policy_from(c: Checker, root: Value, source: str) -> Optional[Policy]:
     policy = Policy(
         name=name or "", version=version or "", mode=mode if mode == "audit" else "enforce",
         entrypoint=_entrypoint(c, top.get("entrypoint")),
+        entrypoint_sha256=_entrypoint_pin(c, top.get("entrypoint_sha256"), top.get("entrypoint")),
         fs=_fs(c, perms.get("fs")),
         http=_http(c, perms.get("http")),
         tcp=_tcp(c, perms.get("tcp")),
@@ -355,6 +356,25 @@ def _entrypoint(c: Checker, v: Optional[Value]) -> tuple[str, ...]:
     return words
 
 
+SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+def _entrypoint_pin(c: Checker, v: Optional[Value], entrypoint: Optional[Value]) -> Optional[str]:
+    """`entrypoint_sha256`: the sha256 the launched program must have (64 hex digits)."""
+    if v is None:
+        return None
+    text = c.string(v, "entrypoint_sha256")
+    if text is None:
+        return None
+    if not SHA256_RE.match(text):
+        c.error(v, "entrypoint_sha256", f"'{text}': expected 64 hex digits (sha256sum of the program)")
+        return None
+    if entrypoint is None:
+        c.error(v, "entrypoint_sha256", "pins the entrypoint, but the manifest has no entrypoint")
+        return None
+    return text.lower()
+
+
 def _block(c: Checker, v: Optional[Value], fieldname: str, keys: tuple[str, ...]) -> tuple[dict, bool]:
     entries = c.mapping(v, fieldname, ("enabled",) + keys)
     # A block that is present defaults to enabled; `enabled: false` keeps its rules but grants nothing.
@@ -364,7 +384,12 @@ def _block(c: Checker, v: Optional[Value], fieldname: str, keys: tuple[str, ...]
 
 def _fs(c: Checker, v: Optional[Value]) -> FsPolicy:
     f = "permissions.fs"
-    entries, enabled = _block(c, v, f, ("dirs",))
+    entries, enabled = _block(c, v, f, ("dirs", "on_violation"))
+    on_violation = c.string(entries.get("on_violation"), f"{f}.on_violation", "report")
+    if on_violation is not None and on_violation not in ("report", "kill"):
+        c.error(entries["on_violation"], f"{f}.on_violation", f"'{on_violation}': expected report or kill")
+    if on_violation not in ("report", "kill"):
+        on_violation = "report"
     seen: dict[str, str] = {}
 
     def item(text: str, sub: Value, name: str) -> Optional[DirGrant]:
@@ -382,12 +407,12 @@ def _fs(c: Checker, v: Optional[Value]) -> FsPolicy:
             seen[grant.pattern] = name
         return grant
 
-    return FsPolicy(enabled, c.strings(entries.get("dirs"), f"{f}.dirs", item))
+    return FsPolicy(enabled, c.strings(entries.get("dirs"), f"{f}.dirs", item), on_violation)
 
 
 def _http(c: Checker, v: Optional[Value]) -> HttpPolicy:
     f = "permissions.http"
-    entries, enabled = _block(c, v, f, ("allowlist", "https_only"))
+    entries, enabled = _block(c, v, f, ("allowlist", "https_only", "private_names"))
     https_only = c.boolean(entries.get("https_only"), f"{f}.https_only", False)
 
     def item(text: str, sub: Value, name: str) -> Optional[UrlRule]:
@@ -397,14 +422,30 @@ def _http(c: Checker, v: Optional[Value]) -> HttpPolicy:
             return None
         return rule
 
-    return HttpPolicy(enabled, c.strings(entries.get("allowlist"), f"{f}.allowlist", item), https_only)
+    return HttpPolicy(enabled, c.strings(entries.get("allowlist"), f"{f}.allowlist", item), https_only,
+                      _private_names(c, entries.get("private_names"), f"{f}.private_names"))
 
 
 def _tcp(c: Checker, v: Optional[Value]) -> TcpPolicy:
     f = "permissions.tcp"
-    entries, enabled = _block(c, v, f, ("allowlist",))
+    entries, enabled = _block(c, v, f, ("allowlist", "private_names"))
     return TcpPolicy(enabled, c.strings(entries.get("allowlist"), f"{f}.allowlist",
-                                        lambda t, s, n: tcp_rule(c, t, s, n)))
+                                        lambda t, s, n: tcp_rule(c, t, s, n)),
+                     _private_names(c, entries.get("private_names"), f"{f}.private_names"))
+
+
+def _private_names(c: Checker, v: Optional[Value], fieldname: str) -> tuple[str, ...]:
+    """DNS name patterns whose answers may be private addresses (opt-in, see agent/net/admit.py)."""
+
+    def item(text: str, sub: Value, name: str) -> Optional[str]:
+        hp = host_pattern(c, text, sub, name)
+        if hp is not None and hp.name is None:
+            c.error(sub, name, f"'{text}': private_names lists DNS names; an IP or CIDR "
+                               "belongs in the allowlist, where it is taken as written")
+            return None
+        return hp.name if hp else None
+
+    return c.strings(v, fieldname, item)
 
 
 def _shell(c: Checker, v: Optional[Value]) -> ShellPolicy:
