@@ -112,7 +112,15 @@ def syscall_name(nr: int, arch: int = AUDIT_ARCH_X86_64) -> str:
         return _names[nr]
     name = f"syscall_{nr}"
     if arch == AUDIT_ARCH_X86_64:
-        import pyseccomp  # lazy: only once a denial happens
+        from agent.enforce.libc import NR
+
+        # The numbers skillguard itself uses (execve, execveat, ...) need no
+        # libseccomp: its import costs ~10 ms on the launch path.
+        known = next((n for n, number in NR.items() if number == nr), None)
+        if known is not None:
+            _names[nr] = known
+            return known
+        import pyseccomp  # lazy: only once a denial of another syscall happens
 
         try:
             resolved = pyseccomp.resolve_syscall(pyseccomp.Arch.X86_64, nr)
