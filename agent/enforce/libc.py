@@ -14,6 +14,7 @@ _syscall.restype = ctypes.c_long
 
 # arch/x86/entry/syscalls/syscall_64.tbl
 NR = {
+    "execve": 59,
     "seccomp": 317,
     "pidfd_open": 434,
     "pidfd_send_signal": 424,
