@@ -15,7 +15,8 @@ SYSTEM_DIRS = ("/", "/etc", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64",
 SYSTEM_TREES = ("/etc", "/usr", "/boot", "/proc", "/sys", "/dev", "/bin", "/sbin",
                 "/lib", "/lib32", "/lib64", "/libx32")
 SECRET_DIRS = ("/root", "/home")  # grants reaching agent-private paths are load errors
-# Programs that run whatever they are handed: a rule admitting them admits anything.
+# Programs that run code or commands they are handed. Their own execs are still
+# supervised (shell rules are checked at every execve); their own code is not.
 RUNS_ANYTHING = frozenset({
     "sh", "bash", "dash", "zsh", "ksh", "mksh", "fish", "csh", "tcsh", "busybox",
     "python", "python2", "python3", "perl", "ruby", "node", "nodejs", "deno", "bun", "php",
@@ -102,7 +103,9 @@ def lint(policy: Policy, positions: dict[str, Pos]) -> list[Problem]:
         if first in ("*", "**"):
             warn(f, f"'{cmd.text}': admits any command")
         elif first in RUNS_ANYTHING or first.startswith(("python", "perl", "ruby", "php", "lua")):
-            warn(f, f"'{cmd.text}': '{first}' runs whatever it is given, so this admits any command")
+            warn(f, f"'{cmd.text}': '{first}' runs code it is given; every program that code "
+                    "starts is still checked against this allowlist, but what the code does "
+                    "itself is bounded only by the other layers")
     if policy.shell.enabled and policy.shell.allowlist and not policy.shell.allowed_dirs:
         warn("permissions.shell", "shell.allowed_dirs is empty: no command can run anywhere")
 
