@@ -18,7 +18,9 @@ import struct
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
-MUTATING = frozenset({"register", "unregister", "launch", "reload", "signal"})
+# `invoke` changes nothing, but its refusals are violations recorded in a
+# skill's name: a skill must not be able to write those, so it counts here.
+MUTATING = frozenset({"register", "unregister", "launch", "reload", "signal", "invoke"})
 READ_ONLY = frozenset({"list", "inspect", "events", "status", "wait"})
 
 # include/uapi/asm-generic/socket.h

@@ -81,7 +81,8 @@ def _admit_manifest(daemon) -> None:
     try:
         admit_manifest(daemon.config)
     except PackageError as exc:
-        raise RpcError(protocol.PACKAGE_REFUSED, f"package: {exc}") from None
+        raise RpcError(protocol.PACKAGE_REFUSED, f"package: {exc}; nothing was changed",
+                       {"reason": exc.reason}) from None
 
 
 def _admit_package(daemon, path: str) -> str:
@@ -93,11 +94,20 @@ def _admit_package(daemon, path: str) -> str:
     try:
         admission = admit_package(path, daemon.config)
     except PackageError as exc:
-        raise RpcError(protocol.PACKAGE_REFUSED, f"package: {exc}") from None
+        raise RpcError(protocol.PACKAGE_REFUSED, f"package: {exc}; nothing was changed",
+                       {"reason": exc.reason, "package": path}) from None
     except OSError as exc:
-        raise RpcError(protocol.PACKAGE_REFUSED, f"package: {path}: {exc.strerror}") from None
+        raise RpcError(protocol.PACKAGE_REFUSED, f"package: {path}: {exc.strerror}; nothing was changed",
+                       {"reason": "invalid-package", "package": path}) from None
     text = admission.manifest_text
-    return text.decode() if isinstance(text, bytes) else text
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RpcError(protocol.POLICY_INVALID, f"package: {path}: manifest.yaml is not UTF-8 "
+                                                    f"({exc.reason}); nothing was changed",
+                           {"errors": [f"{path}:manifest.yaml: not UTF-8"]}) from None
+    return text
 
 
 def _skill(daemon, params: dict, *, finished: bool = False) -> Skill:
@@ -181,7 +191,8 @@ async def unregister(daemon, conn, params, fds):
 
 
 async def launch(daemon, conn, params, fds):
-    check_known(params, {"skill", "manifest", "package", "argv", "cwd", "workdir", "env", "audit", "stdio"})
+    check_known(params, {"skill", "manifest", "package", "argv", "cwd", "workdir", "env", "audit", "stdio",
+                         "invoked_by"})
     argv = param(params, "argv", list, default=[], check=lambda v: all(isinstance(a, str) for a in v),
                  what="a list of strings")
     cwd = param(params, "cwd", str, default=None, check=os.path.isabs, what="an absolute path")
@@ -195,7 +206,13 @@ async def launch(daemon, conn, params, fds):
         raise RpcError(protocol.INVALID_PARAMS, f"params.stdio is true: send exactly 3 file descriptors "
                                                 f"(stdin, stdout, stderr) with SCM_RIGHTS in the same "
                                                 f"message as the request; got {len(fds)}")
+    invoked_by = param(params, "invoked_by", str, default=None, check=bool, what="a skill id or policy name")
     policy, text, source = _resolve_policy(daemon, params)
+    if invoked_by is not None:
+        # The launch path of the invoke policy: a skill started for a caller
+        # only when both manifests agree; a refusal is recorded like `invoke`'s.
+        caller_policy, caller_skill = _invoke_party(daemon, params, "invoked_by")
+        _authorize_invoke(daemon, caller_policy, caller_skill, policy, None, raise_on_refusal=True)
     from dataclasses import fields as dc_fields
 
     from agent.daemon.launcher import fork_supervisor
@@ -240,6 +257,64 @@ async def launch(daemon, conn, params, fds):
                        {"id": skill.id, "layer": error["layer"], "exit_code": skill.exit_code})
     return {"id": skill.id, "skill": skill.name, "pid": skill.pid, "supervisor_pid": supervisor_pid,
             "notes": list(skill.notes)}
+
+
+# ---------------------------------------------------------------- invoke
+
+
+def _invoke_party(daemon, params: dict, key: str):
+    """(Policy, live Skill or None) for params[key]: a skill id, else the name
+    of a policy in the policy directory, else the name of live skills that all
+    run the same manifest."""
+    value = param(params, key, str, check=bool, what="a skill id or policy name")
+    skill = daemon.skills.get(value)
+    if skill is not None:
+        policy = skill.policy
+        if policy is None:
+            policy, _ = _load_checked(skill.manifest_text, f"{skill.id}:manifest")
+        return policy, skill
+    entry = daemon.policies.get(value)
+    if entry is not None:
+        return entry.policy, None
+    named = [s for s in daemon.skills.values() if s.name == value and s.live]
+    if named:
+        if len({s.manifest_text for s in named}) > 1:
+            raise RpcError(protocol.CONFLICT, f"params.{key}: {len(named)} live skills named {value!r} run "
+                                              "different manifests; give a skill id",
+                           {"param": key, "ids": sorted(s.id for s in named)})
+        first = min(named, key=lambda s: s.created)
+        policy = first.policy
+        if policy is None:
+            policy, _ = _load_checked(first.manifest_text, f"{first.id}:manifest")
+        return policy, None
+    raise RpcError(protocol.NOT_FOUND, f"params.{key}: no live skill with id {value!r} and no skill or "
+                                       f"policy named {value!r}", {"param": key, "value": value})
+
+
+def _authorize_invoke(daemon, caller, caller_skill, callee, pid, *, raise_on_refusal: bool):
+    from agent.invoke import invoke_violation, may_invoke
+
+    decision = may_invoke(caller, callee)
+    if not decision.allowed:
+        daemon.publish(invoke_violation(caller, callee, decision, pid), caller_skill)
+        if raise_on_refusal:
+            raise RpcError(protocol.UNAUTHORIZED, f"invoke refused: {decision.reason}; nothing was changed",
+                           {"layer": "invoke", "caller": caller.name, "callee": callee.name})
+    return decision
+
+
+async def invoke(daemon, conn, params, fds):
+    check_known(params, {"caller", "callee", "pid"})
+    pid = param(params, "pid", int, default=None, check=lambda v: v > 0,
+                what="a process id")
+    caller, caller_skill = _invoke_party(daemon, params, "caller")
+    callee, callee_skill = _invoke_party(daemon, params, "callee")
+    decision = _authorize_invoke(daemon, caller, caller_skill, callee, pid, raise_on_refusal=False)
+    return {"allowed": decision.allowed, "reason": decision.reason,
+            "caller": {"skill": caller.name, "id": caller_skill.id if caller_skill else None,
+                       "rule": decision.caller_rule},
+            "callee": {"skill": callee.name, "id": callee_skill.id if callee_skill else None,
+                       "rule": decision.callee_rule}}
 
 
 async def wait(daemon, conn, params, fds):
@@ -350,6 +425,7 @@ HANDLERS = {
     "register": register,
     "unregister": unregister,
     "launch": launch,
+    "invoke": invoke,
     "wait": wait,
     "signal": signal,
     "list": list_,

@@ -89,7 +89,7 @@ class Metrics:
         self._pipeline = pipeline
 
     METHODS = ("register", "unregister", "list", "inspect", "launch", "events", "reload",
-               "status", "wait", "signal")
+               "status", "wait", "signal", "invoke")
 
     def method_label(self, method: str) -> str:
         return method if method in self.METHODS else "_unknown"

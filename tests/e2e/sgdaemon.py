@@ -7,6 +7,7 @@ ended by pid at tear-down: its supervisors (from its registry) and itself.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import textwrap
 import time
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -154,6 +156,14 @@ class DaemonProcess:
             except (ProcessLookupError, PermissionError):
                 pass
 
+    def tear_down(self) -> None:
+        """Stop the daemon (if it still runs), end its supervisors, unload its
+        hooks and remove its root: everything it and its launches made."""
+        self.stop()
+        self.end_supervisors()
+        self.unload_hooks()
+        remove_root(self.root)
+
     def unload_hooks(self) -> None:
         """Remove what this daemon's hooks pinned and created: pins (which
         detaches the programs), the cgroup subtree, the nft table."""
@@ -244,6 +254,21 @@ def remove_root(root: Path) -> None:
     shutil.rmtree(root, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def running_daemon(config_extra: str = "", policies: tuple[str, ...] = ()) -> Iterator[DaemonProcess]:
+    """A started daemon on a fresh root, torn down at exit. Each name in
+    policies becomes a policy in its policy directory granting <root>/work."""
+    root = make_root()
+    for name in policies:
+        (root / "policies" / f"{name}.yaml").write_text(manifest_text(name, str(root / "work")))
+    daemon = DaemonProcess(root, config_extra=config_extra)
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        daemon.tear_down()
+
+
 def read_all(fd: int, timeout: float = 30.0) -> str:
     import select
 
@@ -289,3 +314,29 @@ class LineReader:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def collect_events(client, predicate, count: int = 1, timeout: float = 15.0) -> list[dict]:
+    """Events from a subscribed `client` until `count` of them satisfy `predicate`
+    (those are returned); an AssertionError after `timeout` seconds."""
+    from agent.client import ClientError
+
+    matched = []
+    deadline = time.monotonic() + timeout
+    pending = client._notifications
+    while len(matched) < count:
+        while pending and len(matched) < count:
+            message = pending.pop(0)
+            if message.get("method") == "event" and predicate(message.get("params", {})):
+                matched.append(message["params"])
+        if len(matched) >= count:
+            break
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"timed out after {timeout}s: {len(matched)} of {count} events seen")
+        client.set_timeout(remaining)
+        try:
+            pending.append(client.read_message())
+        except ClientError as exc:
+            raise AssertionError(f"waiting for events: {exc} ({len(matched)} of {count} seen)") from None
+    return matched
