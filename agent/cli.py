@@ -293,46 +293,21 @@ def cmd_invoke_check(args: argparse.Namespace) -> int:
     return 0 if decision.allowed else 1
 
 
-def _run_via_daemon(args: argparse.Namespace):
-    from agent.daemon.commands import run_via_daemon
+def _from_daemon_commands(name: str):
+    """A command that imports agent.daemon.commands (client, protocol) only when run."""
+    def command(args: argparse.Namespace):
+        from agent.daemon import commands
 
-    return run_via_daemon(args)
+        return getattr(commands, name)(args)
 
-
-def cmd_daemon(args: argparse.Namespace) -> int:
-    from agent.daemon.commands import cmd_daemon as command
-
-    return command(args)
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    from agent.daemon.commands import cmd_status as command
-
-    return command(args)
+    command.__name__ = command.__qualname__ = name
+    return command
 
 
-def cmd_ps(args: argparse.Namespace) -> int:
-    from agent.daemon.commands import cmd_ps as command
-
-    return command(args)
-
-
-def cmd_register(args: argparse.Namespace) -> int:
-    from agent.daemon.commands import cmd_register as command
-
-    return command(args)
-
-
-def cmd_unregister(args: argparse.Namespace) -> int:
-    from agent.daemon.commands import cmd_unregister as command
-
-    return command(args)
-
-
-def cmd_events(args: argparse.Namespace) -> int:
-    from agent.daemon.commands import cmd_events as command
-
-    return command(args)
+_run_via_daemon = _from_daemon_commands("run_via_daemon")
+cmd_daemon, cmd_status, cmd_ps, cmd_register, cmd_unregister, cmd_events = (
+    _from_daemon_commands(name) for name in
+    ("cmd_daemon", "cmd_status", "cmd_ps", "cmd_register", "cmd_unregister", "cmd_events"))
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
@@ -509,7 +484,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="refuse unless these layers are active (e.g. bpf-connect nftables-cgroup)")
     p.add_argument("--resolver", action="append", metavar="ADDR",
                    help="the DNS resolver skills may query (default: nameservers of /etc/resolv.conf)")
-    p.add_argument("--pin-dir", default="/sys/fs/bpf/skillguard/v1", metavar="DIR",
+    p.add_argument("--pin-dir", default="/sys/fs/bpf/skillguard/v2", metavar="DIR",
                    help="where programs, links and maps are pinned")
     p.add_argument("--subtree", default="skillguard", metavar="NAME",
                    help="cgroup v2 directory the hooks attach to (below the v2 mount)")

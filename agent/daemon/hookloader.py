@@ -26,17 +26,13 @@ class HookLoadError(RuntimeError):
 
 
 def _child(sock: socket.socket, cgroup_root: Path, pin_dir: str) -> None:
-    from agent.enforce import bpf_hooks
+    from agent.attach.hooks import AttachError, load_programs
 
     try:
         try:
-            cgroup_root.mkdir(mode=0o755, exist_ok=True)
-        except OSError as exc:
-            raise HookLoadError("cgroup", f"mkdir {cgroup_root}: {exc.strerror}") from None
-        try:
-            loaded = bpf_hooks.load(cgroup_root, pin_dir)
-        except bpf_hooks.BpfError as exc:
-            raise HookLoadError("bpf-connect", str(exc)) from None
+            loaded = load_programs(cgroup_root, pin_dir)
+        except AttachError as exc:
+            raise HookLoadError(exc.layer, exc.reason) from None
         names, fds = {}, []
         for group in ("map_fds", "cgroup_prog_fds", "tp_prog_fds", "link_fds"):
             names[group] = []
@@ -53,14 +49,13 @@ def _child(sock: socket.socket, cgroup_root: Path, pin_dir: str) -> None:
 
 def load_hooks(*, pin_dir: str, subtree: str, nft_table, resolvers, emit, note):
     """A `Hooks` built from objects a child process loaded (see module doc)."""
-    from agent.attach.hooks import Hooks, _default_resolvers
+    from agent.attach.hooks import AttachError, Hooks, hooks_cgroup_root
     from agent.enforce import bpf_hooks
-    from agent.enforce.cgroupfs import cgroup_mounts
 
-    v2 = cgroup_mounts().v2
-    if v2 is None:
-        raise HookLoadError("cgroup", "no cgroup v2 mount: cgroup BPF hooks need one")
-    cgroup_root = v2 / subtree
+    try:
+        v2, cgroup_root = hooks_cgroup_root(subtree)
+    except AttachError as exc:
+        raise HookLoadError(exc.layer, exc.reason) from None
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:
@@ -92,6 +87,5 @@ def load_hooks(*, pin_dir: str, subtree: str, nft_table, resolvers, emit, note):
     loaded = bpf_hooks.LoadedHooks(pin_dir, cgroup_root, groups["map_fds"], groups["cgroup_prog_fds"],
                                    groups["tp_prog_fds"], link_fds=groups["link_fds"],
                                    replaced=list(info.get("replaced", [])))
-    return Hooks(loaded, subtree=subtree, v2_mount=v2, nft_table=nft_table,
-                 resolvers=list(resolvers if resolvers is not None else _default_resolvers()),
-                 emit=emit, note=note)
+    return Hooks.from_loaded(loaded, subtree=subtree, v2_mount=v2, nft_table=nft_table,
+                             resolvers=resolvers, emit=emit, note=note)

@@ -10,8 +10,7 @@ import subprocess
 import pytest
 
 from conftest import require
-from sgdaemon import (PYTHON, REPO_ROOT, DaemonProcess, LineReader, make_root, manifest_text,
-                      read_all, remove_root, wait_for)
+from sgdaemon import PYTHON, REPO_ROOT, LineReader, manifest_text, read_all, running_daemon, wait_for
 
 PROBE = """
 import os, socket, sys
@@ -34,17 +33,8 @@ sys.exit(7)
 @pytest.fixture(scope="module")
 def daemon():
     require(os.geteuid() == 0, "needs root (euid 0)")
-    root = make_root()
-    (root / "policies" / "demo.yaml").write_text(manifest_text("demo", str(root / "work")))
-    d = DaemonProcess(root)
-    try:
-        d.start()
+    with running_daemon(policies=("demo",)) as d:
         yield d
-    finally:
-        d.stop()
-        d.end_supervisors()
-        d.unload_hooks()
-        remove_root(root)
 
 
 def test_status_and_empty_list(daemon):

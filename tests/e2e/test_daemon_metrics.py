@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 
 from conftest import require
-from sgdaemon import DaemonProcess, free_port, make_root, manifest_text, read_all, remove_root, wait_for
+from sgdaemon import free_port, manifest_text, read_all, running_daemon, wait_for
 
 PROBE = "import socket\ntry:\n    socket.socket(socket.AF_INET)\nexcept OSError as e:\n    print(e.strerror)\n"
 
@@ -22,16 +22,8 @@ PROBE = "import socket\ntry:\n    socket.socket(socket.AF_INET)\nexcept OSError 
 @pytest.fixture(scope="module")
 def daemon():
     require(os.geteuid() == 0, "needs root (euid 0)")
-    root = make_root()
-    d = DaemonProcess(root)
-    try:
-        d.start()
+    with running_daemon() as d:
         yield d
-    finally:
-        d.stop()
-        d.end_supervisors()
-        d.unload_hooks()
-        remove_root(root)
 
 
 def _violate(daemon, name: str) -> None:

@@ -19,7 +19,7 @@ import threading
 import pytest
 
 from conftest import require
-from sgdaemon import DaemonProcess, LineReader, make_root, manifest_text, remove_root, wait_for
+from sgdaemon import DaemonProcess, LineReader, make_root, manifest_text, running_daemon, wait_for
 
 # A process started outside skillguard: one JSON command per line in, one JSON line out.
 TARGET = r'''
@@ -123,18 +123,10 @@ def register_manifest(root, granted_port: int, on_violation: str = "report", nam
 @pytest.fixture(scope="module")
 def daemon():
     require(os.geteuid() == 0, "needs root (euid 0)")
-    root = make_root()
-    d = DaemonProcess(root)
-    try:
-        d.start()
+    with running_daemon() as d:
         status = d.call("status")
         require(status["register"] == "available", f"register unavailable: {status['register']}")
         yield d
-    finally:
-        d.stop()
-        d.end_supervisors()
-        d.unload_hooks()
-        remove_root(root)
 
 
 @pytest.fixture
@@ -327,11 +319,7 @@ def test_sigkill_of_the_daemon_during_activity_and_readoption(servers):
             except OSError:
                 pass
         target.end()
-        if d.alive():
-            d.stop()
-        d.end_supervisors()
-        d.unload_hooks()
-        remove_root(root)
+        d.tear_down()
 
 
 def test_cli_register_ps_events_unregister(daemon, servers, tmp_path):

@@ -9,22 +9,14 @@ import socket
 import pytest
 
 from conftest import require
-from sgdaemon import DaemonProcess, LineReader, make_root, manifest_text, remove_root, wait_for
+from sgdaemon import LineReader, manifest_text, running_daemon, wait_for
 
 
 @pytest.fixture(scope="module")
 def daemon():
     require(os.geteuid() == 0, "needs root (euid 0)")
-    root = make_root()
-    d = DaemonProcess(root, config_extra="request_max_bytes: 4096\nsocket_group: '4242'\n")
-    try:
-        d.start()
+    with running_daemon(config_extra="request_max_bytes: 4096\nsocket_group: '4242'\n") as d:
         yield d
-    finally:
-        d.stop()
-        d.end_supervisors()
-        d.unload_hooks()
-        remove_root(root)
 
 
 def raw(daemon, timeout=10.0) -> socket.socket:

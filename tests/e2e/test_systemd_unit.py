@@ -12,8 +12,7 @@ import sys
 
 
 from conftest import require
-from sgdaemon import (REPO_ROOT, DaemonProcess, LineReader, make_root, read_all,
-                      remove_root)
+from sgdaemon import REPO_ROOT, DaemonProcess, LineReader, make_root, read_all
 
 UNIT = REPO_ROOT / "systemd" / "skillguard.service"
 TMPFILES = REPO_ROOT / "systemd" / "skillguard.conf"
@@ -63,10 +62,7 @@ def _unit_daemon() -> DaemonProcess:
 
 
 def _end(d: DaemonProcess) -> None:
-    d.stop()
-    d.end_supervisors()
-    d.unload_hooks()
-    remove_root(d.root)
+    d.tear_down()
 
 
 def test_daemon_works_with_exactly_the_units_capabilities():

@@ -22,9 +22,7 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
-import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -32,8 +30,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT, require
-
-PYTHON = sys.executable
+from launching import launch_command, read_events, write_manifest
 
 SKILL_B = r"""
 import json, os, signal, socket, sys, time
@@ -116,25 +113,10 @@ def _kernel_features():
     require(abi_version() >= 1, "Landlock is not available")
 
 
-def _manifest(area: Path, name: str) -> Path:
-    path = area / f"{name}.yaml"
-    path.write_text(textwrap.dedent(f"""\
-        name: {name}
-        version: "1"
-        permissions:
-          fs:
-            dirs:
-              - {area}/shared:rw
-              - {area}/code:ro
-        resources:
-          timeout: 45s
-        """))
-    return path
-
-
 def _launch(area: Path, name: str, argv: list[str], **popen) -> subprocess.Popen:
-    cmd = [PYTHON, "-m", "agent", "run", "--manifest", str(_manifest(area, name)),
-           "--events", str(area / f"{name}.events"), "--state-root", str(area / "state"), "--"]
+    m = write_manifest(area, name, [f"{area}/shared:rw", f"{area}/code:ro"],
+                       resources={"timeout": "45s"})
+    cmd = launch_command(m, area / f"{name}.events", area / "state")
     return subprocess.Popen(cmd + argv, cwd=REPO_ROOT, **popen)
 
 
@@ -198,8 +180,7 @@ def two_skills():
             if b.poll() is None:
                 b.kill()
                 b.wait()
-        events = [json.loads(line) for line in (area / "xskill-a.events").read_text().splitlines()
-                  if line.strip()]
+        events = read_events(area / "xskill-a.events")
         yield {"a": json.loads(a_out.strip().splitlines()[-1]), "b": ready, "b_report": report,
                "b_running": b_still_running, "a_events": events, "b_state": ready["home"]}
     finally:

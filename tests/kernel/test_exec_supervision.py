@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -22,31 +21,22 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT, require
+from launching import (PYTHON, Run, launch_command, require_launch_features, run_skill,
+                       temp_state_root, write_manifest)
 
-PYTHON = sys.executable
 GIT = shutil.which("git")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _kernel_features():
-    require(os.geteuid() == 0, "needs root (euid 0)")
-    try:
-        actions = Path("/proc/sys/kernel/seccomp/actions_avail").read_text().split()
-    except OSError:
-        actions = []
-    require("user_notif" in actions, f"seccomp user notification missing (actions: {actions})")
-    from agent.enforce.landlock import abi_version
-
-    require(abi_version() >= 1, "Landlock is not available")
+    require_launch_features()
     require(GIT is not None, "git is not installed")
 
 
 @pytest.fixture(scope="module")
 def state_root():
-    root = tempfile.mkdtemp(prefix="skillguard-exec-", dir="/var/tmp")
-    os.chmod(root, 0o711)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
+    with temp_state_root("skillguard-exec-") as root:
+        yield root
 
 
 @pytest.fixture(scope="module")
@@ -69,24 +59,9 @@ def tree(tmp_path_factory):
     return tmp
 
 
-def manifest(tree: Path, name: str, shell: str | None = None, extra_fs: str = "") -> Path:
-    shell_block = ""
-    if shell is not None:
-        shell_block = textwrap.indent(shell, "  ")
-    path = tree / f"{name}.yaml"
-    path.write_text(textwrap.dedent(f"""\
-        name: {name}
-        version: "1"
-        permissions:
-          fs:
-            dirs:
-              - {tree}/work:rw
-              - {tree}/ref:ro
-        """) + extra_fs + shell_block + textwrap.dedent("""\
-        resources:
-          timeout: 30s
-        """))
-    return path
+def manifest(tree: Path, name: str, shell: str | None = None) -> Path:
+    return write_manifest(tree, name, [f"{tree}/work:rw", f"{tree}/ref:ro"],
+                          permissions=textwrap.indent(shell or "", "  "))
 
 
 def git_shell(tree: Path, *extra: str) -> str:
@@ -94,40 +69,12 @@ def git_shell(tree: Path, *extra: str) -> str:
     return f"shell:\n  allowlist: [{allow}]\n  allowed_dirs: [{tree}/work/repo]\n"
 
 
-class Run:
-    def __init__(self, proc: subprocess.CompletedProcess, events_path: Path):
-        self.code = proc.returncode
-        self.stdout = proc.stdout
-        self.stderr = proc.stderr
-        text = events_path.read_text() if events_path.exists() else ""
-        self.events = [json.loads(line) for line in text.splitlines() if line.strip()]
-
-    def exec_events(self) -> list[dict]:
-        return [e for e in self.events if e["layer"] == "exec"]
-
-    def out(self) -> dict:
-        return json.loads(self.stdout.strip().splitlines()[-1])
-
-
-def launch_cmd(m: Path, events: Path, state_root: str) -> list[str]:
-    return [PYTHON, "-m", "agent", "run", "--manifest", str(m), "--events", str(events),
-            "--state-root", state_root, "--"]
-
-
-def skill(tree: Path, state_root: str, m: Path, argv: list[str], timeout: float = 60) -> Run:
-    events = tree / f"events-{time.monotonic_ns()}.jsonl"
-    proc = subprocess.run(launch_cmd(m, events, state_root) + argv, cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=timeout)
-    return Run(proc, events)
-
-
-# A probe run inside the skill: each case execs a command in a fork (so the
-# probe survives) and records how it ended.
-PROBE = r"""
-import ctypes, errno, json, os, sys
-cases = json.loads(sys.argv[1])
-out = {}
-for name, case in cases.items():
+# Skill-side code shared by the scripts below: run child() in a fork with its
+# stdout and stderr on a pipe (child must exec or _exit); return the wait
+# status and what it wrote.
+CAPTURED = r"""
+import os
+def captured(child):
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -135,20 +82,8 @@ for name, case in cases.items():
         os.dup2(w, 1)
         os.dup2(w, 2)
         try:
-            os.chdir(case["cwd"])
-            if case.get("fd"):
-                fd = os.open(case["path"], os.O_PATH)
-                os.execve(fd, case["argv"], dict(os.environ))
-            elif case.get("memfd"):
-                fd = os.memfd_create("x")
-                os.write(fd, open(case["path"], "rb").read())
-                os.execve(fd, case["argv"], dict(os.environ))
-            elif "/" in case["path"]:
-                os.execv(case["path"], case["argv"])
-            else:
-                os.execvp(case["path"], case["argv"])
-        except OSError as exc:
-            os.write(1, f"EXEC-FAILED {errno.errorcode.get(exc.errno, exc.errno)}".encode())
+            child()
+        finally:
             os._exit(127)
     os.close(w)
     text = b""
@@ -156,6 +91,33 @@ for name, case in cases.items():
         text += chunk
     os.close(r)
     _, status = os.waitpid(pid, 0)
+    return status, text
+"""
+
+# A probe run inside the skill: each case execs a command in a fork (so the
+# probe survives) and records how it ended.
+PROBE = CAPTURED + r"""
+import ctypes, errno, json, os, sys
+cases = json.loads(sys.argv[1])
+out = {}
+def run_case(case):
+    try:
+        os.chdir(case["cwd"])
+        if case.get("fd"):
+            fd = os.open(case["path"], os.O_PATH)
+            os.execve(fd, case["argv"], dict(os.environ))
+        elif case.get("memfd"):
+            fd = os.memfd_create("x")
+            os.write(fd, open(case["path"], "rb").read())
+            os.execve(fd, case["argv"], dict(os.environ))
+        elif "/" in case["path"]:
+            os.execv(case["path"], case["argv"])
+        else:
+            os.execvp(case["path"], case["argv"])
+    except OSError as exc:
+        os.write(1, f"EXEC-FAILED {errno.errorcode.get(exc.errno, exc.errno)}".encode())
+for name, case in cases.items():
+    status, text = captured(lambda: run_case(case))
     out[name] = {"code": os.waitstatus_to_exitcode(status), "out": text.decode(errors="replace")}
 print(json.dumps(out))
 """
@@ -164,9 +126,9 @@ print(json.dumps(out))
 def probe(tree: Path, state_root: str, m: Path, cases: dict) -> tuple[Run, dict]:
     script = tree / "ref" / "probe.py"
     script.write_text(PROBE)
-    run = skill(tree, state_root, m, ["python3", str(script), json.dumps(cases)])
+    run = run_skill(tree, state_root, m, ["python3", str(script), json.dumps(cases)])
     assert run.code == 0, run.stderr
-    return run, run.out()
+    return run, run.json()
 
 
 def case(path: str, argv: list[str], cwd: str, **extra) -> dict:
@@ -178,8 +140,8 @@ def refused(result: dict) -> bool:
 
 
 def event_for(run: Run, operation: str) -> dict:
-    matching = [e for e in run.exec_events() if e["operation"] == operation]
-    assert matching, f"no exec event for {operation!r}: {run.exec_events()}"
+    matching = [e for e in run.layer("exec") if e["operation"] == operation]
+    assert matching, f"no exec event for {operation!r}: {run.layer('exec')}"
     return matching[0]
 
 
@@ -210,7 +172,7 @@ def test_git_status_in_the_repo_works(git_only):
     result = out["git_status_repo"]
     assert result["code"] == 0, result
     assert result["out"].startswith("## ")  # the branch line of `git status --branch`
-    assert not [e for e in run.exec_events() if e["operation"].startswith("git status --short")]
+    assert not [e for e in run.layer("exec") if e["operation"].startswith("git status --short")]
 
 
 def test_git_status_outside_allowed_dirs_is_refused(git_only):
@@ -242,7 +204,7 @@ def test_a_copied_git_elsewhere_is_refused(git_only, name):
     tree, run, out = git_only
     assert refused(out[name]), out[name]
     where = "ref" if name == "copy_ro" else "work"
-    assert any(f"program: {tree}/{where}/git" in e["detail"] for e in run.exec_events())
+    assert any(f"program: {tree}/{where}/git" in e["detail"] for e in run.layer("exec"))
 
 
 def test_exec_of_an_admitted_binary_by_fd_works(git_only):
@@ -276,7 +238,7 @@ def test_python_execv_to_a_disallowed_binary_is_refused(tree, state_root):
             "    os.execv('/usr/bin/id', ['id'])\n"
             "except OSError as exc:\n"
             "    print('refused', exc.errno)\n")
-    run = skill(tree, state_root, m, ["python3", "-c", code])
+    run = run_skill(tree, state_root, m, ["python3", "-c", code])
     assert run.code == 0 and run.stdout.split() == ["refused", "1"], run.stdout + run.stderr
     event = event_for(run, "id")
     assert event["decision"] == "denied" and "/usr/bin/id" in event["detail"]
@@ -299,10 +261,10 @@ def test_env_and_sh_c_work_only_when_allowed(tree, state_root):
     for name, why in (("sh_and", "'&&'"), ("sh_pipe", "'|'"), ("sh_subst", "'$'"),
                       ("sh_redirect", "'>'")):
         assert refused(out[name]), (name, out[name])
-        assert any(why in e["rule"] for e in run.exec_events()), (name, run.exec_events())
+        assert any(why in e["rule"] for e in run.layer("exec")), (name, run.layer("exec"))
     # env itself is allowed; the id it then execs is refused on its own.
     assert out["env_id"]["code"] != 0 and "Operation not permitted" in out["env_id"]["out"]
-    assert any(e["operation"] == "id" and "/usr/bin/id" in e["detail"] for e in run.exec_events())
+    assert any(e["operation"] == "id" and "/usr/bin/id" in e["detail"] for e in run.layer("exec"))
 
 
 GIT_TOOL = r"""
@@ -330,45 +292,34 @@ def test_a_program_spawning_git_works_under_its_manifest(tree, state_root):
     script.write_text(GIT_TOOL)
     m = manifest(tree, "exec-tool", f"shell:\n  allowlist: [\"git **\"]\n"
                                     f"  allowed_dirs: [{repo}]\n")
-    run = skill(tree, state_root, m, ["python3", str(script), str(repo)])
+    run = run_skill(tree, state_root, m, ["python3", str(script), str(repo)])
     assert run.code == 0, run.stderr
-    assert run.out() == {"log": ["from the tool", "first"], "status": ""}
+    assert run.json() == {"log": ["from the tool", "first"], "status": ""}
     # `git commit` runs /usr/lib/git-core/git maintenance: admitted as git's companion.
-    assert run.exec_events() == [], run.exec_events()
+    assert run.layer("exec") == [], run.layer("exec")
 
 
-RACE = r"""
+RACE = CAPTURED + r"""
 import ctypes, json, os, sys, threading
 libc = ctypes.CDLL(None, use_errno=True)
 allowed, other, cwd, rounds = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 os.chdir(cwd)
 size = max(len(allowed), len(other)) + 1
 counts = {}
+def swapped_execve():
+    path = ctypes.create_string_buffer(allowed.encode(), size)
+    words = [b"git", b"--version"]
+    argv = (ctypes.c_char_p * 3)(*words, None)
+    a, b = allowed.encode().ljust(size, b"\0"), other.encode().ljust(size, b"\0")
+    def flip():
+        while True:
+            ctypes.memmove(path, b, size)
+            ctypes.memmove(path, a, size)
+    threading.Thread(target=flip, daemon=True).start()
+    libc.execve(path, argv, None)
+    os.write(1, f"FAILED {ctypes.get_errno()}".encode())
 for _ in range(rounds):
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        os.dup2(w, 1)
-        os.dup2(w, 2)
-        path = ctypes.create_string_buffer(allowed.encode(), size)
-        words = [b"git", b"--version"]
-        argv = (ctypes.c_char_p * 3)(*words, None)
-        a, b = allowed.encode().ljust(size, b"\0"), other.encode().ljust(size, b"\0")
-        def flip():
-            while True:
-                ctypes.memmove(path, b, size)
-                ctypes.memmove(path, a, size)
-        threading.Thread(target=flip, daemon=True).start()
-        libc.execve(path, argv, None)
-        os.write(1, f"FAILED {ctypes.get_errno()}".encode())
-        os._exit(127)
-    os.close(w)
-    text = b""
-    while chunk := os.read(r, 65536):
-        text += chunk
-    os.close(r)
-    os.waitpid(pid, 0)
+    _, text = captured(swapped_execve)
     key = "git" if text.startswith(b"git version") else text.decode(errors="replace")[:40]
     counts[key] = counts.get(key, 0) + 1
 print(json.dumps(counts))
@@ -382,10 +333,10 @@ def test_a_path_swapped_after_the_check_gains_nothing(tree, state_root):
     script = tree / "ref" / "race.py"
     script.write_text(RACE)
     m = manifest(tree, "exec-race", git_shell(tree))
-    run = skill(tree, state_root, m, ["python3", str(script), GIT, "/usr/bin/id",
+    run = run_skill(tree, state_root, m, ["python3", str(script), GIT, "/usr/bin/id",
                                       f"{tree}/work/repo", "150"], timeout=120)
     assert run.code == 0, run.stderr
-    counts = run.out()
+    counts = run.json()
     assert not any("uid=" in key for key in counts), counts
     # git ran, or the supervisor refused id (EPERM), or the kernel refused id
     # (EACCES: Landlock), or a torn path named nothing (ENOENT).
@@ -579,7 +530,7 @@ def test_exec_after_the_supervisor_is_sigkilled_is_refused(tree, state_root):
     m = manifest(tree, "exec-kill", git_shell(tree))
     events = tree / "events-kill.jsonl"
     token = f"waiter-{time.monotonic_ns()}"
-    proc = subprocess.Popen(launch_cmd(m, events, state_root)
+    proc = subprocess.Popen(launch_command(m, events, state_root)
                             + ["python3", str(script), str(repo), str(marker), token],
                             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -639,11 +590,10 @@ def test_the_daemon_supervises_exec_the_same_way(tmp_path):
     """`skillguard run` delegated to a running daemon: the daemon's forked
     supervisor is the same `Supervisor`, so the same rules and events hold."""
     sys.path.insert(0, str(REPO_ROOT / "tests" / "e2e"))
-    from sgdaemon import DaemonProcess, make_root, remove_root
+    from sgdaemon import running_daemon
 
-    root = make_root()
-    daemon = DaemonProcess(root).start()
-    try:
+    with running_daemon() as daemon:
+        root = daemon.root
         repo = root / "work" / "repo"
         subprocess.run(["git", "init", "-q", str(repo)], check=True)
         m = root / "exec-daemon.yaml"
@@ -683,7 +633,3 @@ def test_the_daemon_supervises_exec_the_same_way(tmp_path):
         # It went through the daemon, not a local supervisor.
         assert daemon.metric("skillguard_api_requests_total", method="launch",
                              outcome="ok") == launches + 1
-    finally:
-        daemon.stop()
-        daemon.end_supervisors()
-        remove_root(root)

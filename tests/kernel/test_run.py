@@ -9,44 +9,30 @@ that "another skill's state dir" is a real directory the skill could name.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
-import tempfile
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO_ROOT, require
+from launching import Run, launch_command, require_launch_features, run_skill, temp_state_root, write_manifest
 
-PYTHON = sys.executable
 AGENT_FILE = str(REPO_ROOT / "agent" / "cli.py")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _kernel_features():
-    require(os.geteuid() == 0, "needs root (euid 0)")
-    try:
-        actions = Path("/proc/sys/kernel/seccomp/actions_avail").read_text().split()
-    except OSError:
-        actions = []
-    require("user_notif" in actions, f"seccomp user notification missing (actions: {actions})")
-    from agent.enforce.landlock import abi_version
-
-    require(abi_version() >= 1, "Landlock is not available")
+    require_launch_features()
     require(shutil.which("python3") is not None, "python3 not in PATH")
 
 
 @pytest.fixture(scope="module")
 def state_root():
-    root = tempfile.mkdtemp(prefix="skillguard-test-", dir="/var/tmp")
-    os.chmod(root, 0o711)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
+    with temp_state_root("skillguard-test-") as root:
+        yield root
 
 
 @pytest.fixture
@@ -60,50 +46,15 @@ def tree(tmp_path):
     return tmp_path
 
 
-def manifest(tmp_path: Path, name: str = "runtest", extra: str = "", timeout: str = "20s",
-             pids: int = 64) -> Path:
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(textwrap.dedent(f"""\
-        name: {name}
-        version: "1"
-        permissions:
-          fs:
-            dirs:
-              - {tmp_path}/work:rw
-              - {tmp_path}/ref:ro
-        resources:
-          pids: {pids}
-          timeout: {timeout}
-        """) + extra)
-    return path
-
-
-class Run:
-    def __init__(self, proc: subprocess.CompletedProcess, events_path: Path):
-        self.code = proc.returncode
-        self.stdout = proc.stdout
-        self.stderr = proc.stderr
-        text = events_path.read_text() if events_path.exists() else ""
-        self.events = [json.loads(line) for line in text.splitlines() if line.strip()]
-
-    def layer(self, layer: str) -> list[dict]:
-        return [e for e in self.events if e["layer"] == layer]
-
-    def json(self) -> dict:
-        return json.loads(self.stdout.strip().splitlines()[-1])
+def manifest(tmp_path: Path, name: str = "runtest", timeout: str = "20s", pids: int = 64) -> Path:
+    return write_manifest(tmp_path, name, [f"{tmp_path}/work:rw", f"{tmp_path}/ref:ro"],
+                          resources={"pids": pids, "timeout": timeout})
 
 
 def skill(tmp_path: Path, state_root: str, argv: list[str], *, m: Path | None = None,
-          audit: bool = False, env: dict | None = None, timeout: float = 60) -> Run:
-    m = m or manifest(tmp_path)
-    events = tmp_path / f"events-{time.monotonic_ns()}.jsonl"
-    cmd = [PYTHON, "-m", "agent", "run", "--manifest", str(m), "--events", str(events),
-           "--state-root", state_root]
-    if audit:
-        cmd.append("--audit")
-    proc = subprocess.run(cmd + ["--"] + argv, cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
-    return Run(proc, events)
+          **options) -> Run:
+    """Launch argv under m (default: manifest(tmp_path))."""
+    return run_skill(tmp_path, state_root, m or manifest(tmp_path), argv, **options)
 
 
 PROBE = r"""
@@ -292,8 +243,7 @@ def test_exit_status_is_propagated(tree, state_root):
 def test_sigterm_to_the_supervisor_reaches_the_skill(tree, state_root):
     m = manifest(tree)
     events = tree / "events.jsonl"
-    proc = subprocess.Popen([PYTHON, "-m", "agent", "run", "--manifest", str(m), "--events",
-                             str(events), "--state-root", state_root, "--", "sleep", "30"],
+    proc = subprocess.Popen(launch_command(m, events, state_root) + ["sleep", "30"],
                             cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True)
     time.sleep(1.0)
     started = time.monotonic()
