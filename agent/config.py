@@ -45,7 +45,7 @@ class HostConfig:
     metrics_skill_labels: int = 200  # distinct `skill` label values; the rest are counted under "_other"
     # Registered skills (agent/attach): where the eBPF objects are pinned, the
     # cgroup v2 subtree the hooks attach at, the nftables table of socket-cgroup rules.
-    bpf_pin_dir: str = "/sys/fs/bpf/skillguard/v1"
+    bpf_pin_dir: str = "/sys/fs/bpf/skillguard/v2"
     cgroup_subtree: str = "skillguard"
     nft_cgroup_table: str = "skillguard_cg"
 

@@ -9,8 +9,9 @@
  * paths and checks them against the manifest's fs rules.
  *
  * With fs.on_violation: kill (SKILL_FS_KILL, enforce mode), an absolute path
- * outside every allowed prefix (the `fs_prefixes` trie: "dir/" for a
- * directory's contents, "dir\0" for the directory itself) gets
+ * outside every allowed prefix (the `fs_prefixes` trie, under the skill's
+ * fs policy id: "dir/" for a directory's contents, "dir\0" for the directory
+ * itself) gets
  * bpf_send_signal(SIGKILL) before the syscall proceeds. Relative paths,
  * truncated paths and paths under an allowed prefix (even with "..") are
  * left to user space, which reports them.
@@ -54,8 +55,8 @@ static __always_inline int observe(u32 kind, s64 dfd, const char *filename, u64 
 	if ((s->flags & (SKILL_FS_KILL | SKILL_ENFORCE)) == (SKILL_FS_KILL | SKILL_ENFORCE) &&
 	    n > 1 && n < KEY_PATH_LEN && k->path[0] == '/') {
 		k->prefixlen = 64 + KEY_PATH_LEN * 8;
-		k->cg_lo = (u32)cg;
-		k->cg_hi = cg >> 32;
+		k->policy_lo = s->fs_policy;
+		k->policy_hi = 0;
 		if (!fs_prefixes.lookup(k)) {
 			bpf_send_signal(SIGKILL);
 			decision = DEC_KILLED;

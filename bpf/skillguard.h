@@ -4,10 +4,14 @@
  * bcc opens a pinned map when the path exists and creates and pins it
  * otherwise, so programs loaded by a restarted agent share the maps (and the
  * policy in them) with the programs they replace. Layouts here and in
- * agent/enforce/bpf_maps.py must agree; LAYOUT_VERSION is part of PIN_DIR.
+ * agent/enforce/bpf_maps.py must agree. LAYOUT_VERSION is part of the default
+ * PIN_DIR and is stored in the pinned `layout` map: the loader refuses a pin
+ * dir whose maps were made for another layout rather than misread them.
  */
 #ifndef SKILLGUARD_H
 #define SKILLGUARD_H
+
+#define LAYOUT_VERSION 2  /* = bpf_hooks.LAYOUT_VERSION; bump on any change below */
 
 #define SKILL_ENFORCE    1u  /* else audit: report, allow */
 #define SKILL_DNS        2u  /* DNS to the agent's resolver is allowed */
@@ -28,7 +32,7 @@
 
 struct skill {
 	u32 flags;
-	u32 reserved;
+	u32 fs_policy;       /* key of this skill's prefixes in fs_prefixes; 0: none */
 	u64 net_denied;
 	u64 fs_events;
 	u64 fs_killed;
@@ -64,9 +68,13 @@ struct resolver_key {
 	u32 addr[4];         /* network byte order; IPv4 in addr[0] */
 };
 
+/* Path prefixes are keyed by an fs policy id, not a cgroup id: every skill
+ * with the same fs rules shares one prefix set (user space allocates the ids
+ * and reference-counts them), so the trie grows with distinct policies, not
+ * with registered skills. */
 struct path_key {
 	u32 prefixlen;
-	u32 cg_lo, cg_hi;
+	u32 policy_lo, policy_hi;
 	char path[KEY_PATH_LEN];
 };
 
@@ -91,6 +99,7 @@ BPF_TABLE_PINNED("hash", u64, struct skill, skills, 65536, PIN("skills"));
 BPF_TABLE_PINNED("hash", struct port_key, u32, ports, 262144, PIN("ports"));
 BPF_TABLE_PINNED("hash", struct resolver_key, u32, resolvers, 64, PIN("resolvers"));
 BPF_TABLE_PINNED("percpu_array", u32, u64, lost, 1, PIN("lost"));
+BPF_TABLE_PINNED("array", u32, u32, layout, 1, PIN("layout"));  /* [0] = LAYOUT_VERSION, set by the loader */
 
 /* bcc's BPF_RINGBUF_OUTPUT cannot be pinned; this is the same declaration
  * with a pinned section ("maps/<type>:<path>", see bcc's frontend). */

@@ -94,6 +94,28 @@ def _default_resolvers() -> list[str]:
     return out
 
 
+def hooks_cgroup_root(subtree: str) -> tuple[Path, Path]:
+    """(the cgroup v2 mount, <mount>/<subtree>): where the hooks attach."""
+    from agent.enforce.cgroupfs import cgroup_mounts
+
+    v2 = cgroup_mounts().v2
+    if v2 is None:
+        raise AttachError("cgroup", "no cgroup v2 mount: cgroup BPF hooks need one")
+    return v2, v2 / subtree
+
+
+def load_programs(root: Path, pin_dir: str) -> bpf_hooks.LoadedHooks:
+    """Create the hooks' cgroup and compile, load, attach and pin the programs at it."""
+    try:
+        root.mkdir(mode=0o755, exist_ok=True)
+    except OSError as exc:
+        raise AttachError("cgroup", f"mkdir {root}: {exc.strerror}") from None
+    try:
+        return bpf_hooks.load(root, pin_dir)
+    except bpf_hooks.BpfError as exc:
+        raise AttachError("bpf-connect", str(exc)) from None
+
+
 class Hooks:
     """The loaded programs plus every skill attached through them."""
 
@@ -128,6 +150,9 @@ class Hooks:
         self._nft_error = NftError
         self.maps.set_resolvers(resolvers)
         self._reader = bpf_hooks.RingReader(loaded.map_fds["events"], self._on_event)
+        for stale in loaded.stale:
+            note(f"programs of another map layout are still attached from {stale}; they keep "
+                 "enforcing the skills in their own maps until those are detached")
         self._adopt_orphans()
 
     # ---- life cycle ----
@@ -137,21 +162,16 @@ class Hooks:
              nft_table: Optional[str] = "skillguard_cg", resolvers: Optional[Sequence[str]] = None,
              emit: Optional[Callable] = None, note: Optional[Callable[[str], None]] = None) -> "Hooks":
         """Load the programs once and attach them at <cgroup v2>/<subtree>."""
-        from agent.enforce.cgroupfs import cgroup_mounts
+        v2, root = hooks_cgroup_root(subtree)
+        return cls.from_loaded(load_programs(root, pin_dir), subtree=subtree, v2_mount=v2,
+                               nft_table=nft_table, resolvers=resolvers, emit=emit, note=note)
 
-        v2 = cgroup_mounts().v2
-        if v2 is None:
-            raise AttachError("cgroup", "no cgroup v2 mount: cgroup BPF hooks need one")
-        root = v2 / subtree
-        try:
-            root.mkdir(mode=0o755, exist_ok=True)
-        except OSError as exc:
-            raise AttachError("cgroup", f"mkdir {root}: {exc.strerror}") from None
-        try:
-            loaded = bpf_hooks.load(root, pin_dir)
-        except bpf_hooks.BpfError as exc:
-            raise AttachError("bpf-connect", str(exc)) from None
-        return cls(loaded, subtree=subtree, v2_mount=v2, nft_table=nft_table,
+    @classmethod
+    def from_loaded(cls, loaded: bpf_hooks.LoadedHooks, *, subtree: str, v2_mount: Path,
+                    nft_table: Optional[str], resolvers: Optional[Sequence[str]],
+                    emit: Optional[Callable], note: Optional[Callable[[str], None]]) -> "Hooks":
+        """Hooks over programs already loaded (here, or by agent.daemon.hookloader's child)."""
+        return cls(loaded, subtree=subtree, v2_mount=v2_mount, nft_table=nft_table,
                    resolvers=list(resolvers if resolvers is not None else _default_resolvers()),
                    emit=emit or (lambda v: None), note=note or (lambda text: None))
 
@@ -268,7 +288,11 @@ class Hooks:
                     bpf_hooks.attach_tracepoints(self.loaded)
                 except bpf_hooks.BpfError as exc:
                     raise AttachError("fs-observe", str(exc)) from None
-            self.maps.install(cg, bpf)
+            try:
+                self.maps.install(cg, bpf)  # all entries or none
+            except OSError as exc:
+                raise AttachError("bpf-connect", f"writing the skill's map entries: {exc.strerror or exc}"
+                                  ) from None
             done.append("maps")
             if self.nft is not None:
                 try:

@@ -1,7 +1,7 @@
 """Load skillguard's BPF programs once, attach them through pinned links.
 
-Layout under the pin directory (default /sys/fs/bpf/skillguard/v1):
-  skills allow4 allow6 ports resolvers fs_prefixes lost events   maps (bcc pins them)
+Layout under the pin directory (default /sys/fs/bpf/skillguard/v2):
+  skills allow4 allow6 ports resolvers fs_prefixes lost events layout   maps (bcc pins them)
   link_connect4 link_connect6 link_sendmsg4 link_sendmsg6          cgroup links
   link_tp_<syscall>                                                tracepoint links, only while needed
 
@@ -10,6 +10,13 @@ cgroup hooks go on enforcing the policy in the (equally pinned) maps. A
 restarted agent compiles the programs again against the same pinned maps
 and swaps each link's program with BPF_LINK_UPDATE: at no moment is no
 program attached (kernel/bpf/cgroup.c cgroup_bpf_replace()).
+
+bcc reuses a pinned map by path without comparing its layout, so the maps'
+layout version (bpf/skillguard.h LAYOUT_VERSION) names the default pin
+directory and is stored in the pinned `layout` map: a pin directory made
+for another layout is refused, never silently reused. Programs of an older
+layout stay attached from their own directory and keep enforcing the skills
+in their own maps; `load()` lists such directories in `LoadedHooks.stale`.
 """
 from __future__ import annotations
 
@@ -25,7 +32,8 @@ from typing import Callable
 from agent.enforce import bpf_sys, libc
 
 BPF_SRC = Path(__file__).resolve().parents[2] / "bpf"
-DEFAULT_PIN_DIR = "/sys/fs/bpf/skillguard/v1"  # v1: the map layout in bpf/skillguard.h
+LAYOUT_VERSION = 2  # = LAYOUT_VERSION in bpf/skillguard.h
+DEFAULT_PIN_DIR = f"/sys/fs/bpf/skillguard/v{LAYOUT_VERSION}"
 RINGBUF_BYTES = 1 << 20
 
 CGROUP_PROGRAMS = (  # function, attach type, pin name
@@ -42,7 +50,7 @@ TRACEPOINT_PROGRAMS = (  # function, syscalls:sys_enter_<name>
     ("sg_execve", "execve"),
     ("sg_execveat", "execveat"),
 )
-MAP_NAMES = ("skills", "allow4", "allow6", "ports", "resolvers", "fs_prefixes", "lost", "events")
+MAP_NAMES = ("skills", "allow4", "allow6", "ports", "resolvers", "fs_prefixes", "lost", "events", "layout")
 
 PERF_TYPE_TRACEPOINT = 2
 PERF_FLAG_FD_CLOEXEC = 1 << 3
@@ -108,6 +116,7 @@ class LoadedHooks:
     tp_prog_fds: dict[str, int]
     link_fds: dict[str, int] = field(default_factory=dict)
     replaced: list[str] = field(default_factory=list)  # links that existed (agent restart)
+    stale: list[str] = field(default_factory=list)  # sibling pin dirs of other layouts with links
     _bcc: list = field(default_factory=list)  # keeps the bcc objects (and their fds) alive
 
 
@@ -120,7 +129,9 @@ def load(cgroup_root: Path, pin_dir: str = DEFAULT_PIN_DIR) -> LoadedHooks:
         os.makedirs(pin_dir, mode=0o700, exist_ok=True)
     except OSError as exc:
         raise BpfError(f"bpffs: {exc}") from None
+    _check_layout(pin_dir)
     connect = _compile("connect.c", pin_dir)
+    _stamp_layout(pin_dir)  # at once: bcc has just created (or opened) every shared map
     fs = _compile("fs_observe.c", pin_dir)
     import bcc
 
@@ -136,9 +147,65 @@ def load(cgroup_root: Path, pin_dir: str = DEFAULT_PIN_DIR) -> LoadedHooks:
             map_fds[name] = bpf_sys.obj_get(f"{pin_dir}/{name}")
         except OSError as exc:
             raise BpfError(f"map {name} not pinned at {pin_dir}/{name}: {exc}") from None
-    hooks = LoadedHooks(pin_dir, cgroup_root, map_fds, cgroup_progs, tp_progs, _bcc=[connect, fs])
+    hooks = LoadedHooks(pin_dir, cgroup_root, map_fds, cgroup_progs, tp_progs, _bcc=[connect, fs],
+                        stale=_other_layouts(pin_dir))
     _attach_cgroup_links(hooks)
     return hooks
+
+
+_ZERO = struct.pack("<I", 0)
+
+
+def _layout_map(fd: int) -> bpf_sys.RawMap:
+    return bpf_sys.RawMap(fd, 4, 4, "layout")
+
+
+def _stamp_layout(pin_dir: str) -> None:
+    try:
+        fd = bpf_sys.obj_get(f"{pin_dir}/layout")
+        try:
+            _layout_map(fd).update(_ZERO, struct.pack("<I", LAYOUT_VERSION))
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise BpfError(f"map layout not pinned at {pin_dir}/layout: {exc}") from None
+
+
+def _check_layout(pin_dir: str) -> None:
+    """Refuse a pin dir whose maps were made for another layout (see the module doc)."""
+    if not os.path.exists(f"{pin_dir}/skills"):
+        return  # new: bcc creates every map
+    found = None
+    try:
+        fd = bpf_sys.obj_get(f"{pin_dir}/layout")
+    except FileNotFoundError:
+        fd = None
+    if fd is not None:
+        try:
+            found = struct.unpack("<I", _layout_map(fd).lookup(_ZERO) or _ZERO)[0]
+        finally:
+            os.close(fd)
+    if found != LAYOUT_VERSION:
+        raise BpfError(f"pin dir {pin_dir} holds maps of layout {found or 'v1 (unversioned)'}, this "
+                       f"agent uses layout {LAYOUT_VERSION}: reusing them would misread their policy. "
+                       f"Use the default pin dir (/sys/fs/bpf/skillguard/v{LAYOUT_VERSION}) or another "
+                       "empty one; the old programs keep enforcing their skills until detached")
+
+
+def _other_layouts(pin_dir: str) -> list[str]:
+    """Sibling pin dirs (…/v<N>) still holding pinned links of another layout."""
+    parent, own = os.path.split(pin_dir)
+    out = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return out
+    for name in sorted(names):
+        path = os.path.join(parent, name)
+        if name != own and name[:1] == "v" and name[1:].isdigit() and os.path.isdir(path) \
+                and any(n.startswith("link_") for n in os.listdir(path)):
+            out.append(path)
+    return out
 
 
 def _attach_cgroup_links(hooks: LoadedHooks) -> None:

@@ -4,9 +4,18 @@ Layouts mirror bpf/skillguard.h (little-endian x86_64; addresses in network
 byte order). Writes go leaves first and the `skills` entry last, removal the
 other way round, so the programs never see a skill whose policy is half
 written: before the `skills` entry exists its cgroup is simply not a skill.
+
+Network grants are keyed by cgroup id. Path prefixes are keyed by an fs
+policy id shared by every skill with the same prefix set (`PrefixSets`,
+reference-counted here in user space), so 1,000 skills with the base profile
+hold one copy of its ~74 prefixes, not 1,000. The counts are rebuilt from
+the maps (the `fs_policy` field of every `skills` entry) when an agent
+starts, so a restarted agent shares and frees the sets an earlier one made.
+One agent writes a pin directory at a time.
 """
 from __future__ import annotations
 
+import errno
 import ipaddress
 import struct
 from dataclasses import dataclass
@@ -14,7 +23,7 @@ from dataclasses import dataclass
 from agent.compile.bpf_policy import KEY_PATH_LEN, BpfPolicy
 from agent.enforce.bpf_sys import RawMap
 
-SKILL = struct.Struct("<IIQQQ")           # flags, reserved, net_denied, fs_events, fs_killed
+SKILL = struct.Struct("<IIQQQ")           # flags, fs_policy, net_denied, fs_events, fs_killed
 NET_VALUE = struct.Struct("<II")          # net_id, any_port
 PORT_KEY = struct.Struct("<QII")          # cgroup id, net_id, port
 U32 = struct.Struct("<I")
@@ -46,8 +55,63 @@ def port_key(cgroup_id: int, net_id: int, port: int) -> bytes:
     return PORT_KEY.pack(cgroup_id, net_id, port)
 
 
-def path_key(cgroup_id: int, entry: bytes) -> bytes:
-    return struct.pack("<IQ", 64 + 8 * len(entry), cgroup_id) + entry.ljust(KEY_PATH_LEN, b"\0")
+def path_key(fs_policy: int, entry: bytes) -> bytes:
+    return struct.pack("<IQ", 64 + 8 * len(entry), fs_policy) + entry.ljust(KEY_PATH_LEN, b"\0")
+
+
+def path_entry(key: bytes) -> tuple[int, bytes]:
+    """(fs policy id, trie string) of an fs_prefixes key."""
+    prefixlen, fs_policy = struct.unpack_from("<IQ", key)
+    return fs_policy, key[12:12 + (prefixlen - 64) // 8]
+
+
+class MapFull(OSError):
+    """A map update failed with ENOSPC: the map holds max_entries already."""
+
+
+class PrefixSets:
+    """Pure bookkeeping of shared path-prefix sets: content -> id -> users."""
+
+    MAX_ID = 0xFFFFFFFF  # struct skill.fs_policy is a u32
+
+    def __init__(self):
+        self.ids: dict[frozenset, int] = {}
+        self.contents: dict[int, frozenset] = {}
+        self.users: dict[int, int] = {}
+
+    def lookup(self, prefixes) -> int:
+        """The id of an existing set with exactly these prefixes, else 0."""
+        return self.ids.get(frozenset(prefixes), 0)
+
+    def new_id(self) -> int:
+        """The smallest id no set uses (0 means "no prefixes")."""
+        fs_id = 1
+        while fs_id in self.contents:
+            fs_id += 1
+        if fs_id > self.MAX_ID:
+            raise MapFull(errno.ENOSPC, "no free fs policy id")
+        return fs_id
+
+    def add(self, fs_id: int, prefixes, users: int = 0) -> None:
+        content = frozenset(prefixes)
+        self.ids[content] = fs_id
+        self.contents[fs_id] = content
+        self.users[fs_id] = users
+
+    def acquire(self, fs_id: int) -> None:
+        self.users[fs_id] += 1
+
+    def release(self, fs_id: int) -> frozenset | None:
+        """Drop one user; the set's prefixes when it was the last (delete them), else None."""
+        if fs_id not in self.users:
+            return None
+        self.users[fs_id] -= 1
+        if self.users[fs_id] > 0:
+            return None
+        content = self.contents.pop(fs_id)
+        del self.users[fs_id]
+        self.ids.pop(content, None)
+        return content
 
 
 def resolver_key(address: str) -> bytes:
@@ -67,9 +131,34 @@ class PolicyMaps:
 
     def __init__(self, fds: dict[str, int]):
         self.maps = {name: RawMap(fds[name], *MAP_SIZES[name], name=name) for name in MAP_SIZES}
+        self.prefix_sets = PrefixSets()
+        self._load_prefix_sets()
+
+    def _load_prefix_sets(self) -> None:
+        """Rebuild the shared sets and their user counts from the pinned maps;
+        delete sets no skill uses (an agent died between the two deletes)."""
+        found: dict[int, list[bytes]] = {}
+        for key in self.maps["fs_prefixes"].keys():
+            fs_id, entry = path_entry(key)
+            found.setdefault(fs_id, []).append(entry)
+        users: dict[int, int] = {}
+        for value in self._skill_values():
+            fs_id = SKILL.unpack(value)[1]
+            if fs_id:
+                users[fs_id] = users.get(fs_id, 0) + 1
+        for fs_id, entries in found.items():
+            if users.get(fs_id):
+                self.prefix_sets.add(fs_id, entries, users[fs_id])
+            else:
+                for entry in entries:
+                    self.maps["fs_prefixes"].delete(path_key(fs_id, entry))
+
+    def _skill_values(self) -> list[bytes]:
+        rmap = self.maps["skills"]
+        return [v for v in (rmap.lookup(k) for k in rmap.keys()) if v is not None]
 
     def entries(self, cgroup_id: int, policy: BpfPolicy) -> list[tuple[str, bytes, bytes]]:
-        """(map, key, value) for everything but the `skills` entry."""
+        """(map, key, value) of the skill's own entries: its network grants."""
         out = []
         for entry in policy.net4 + policy.net6:
             name = "allow4" if entry.network.version == 4 else "allow6"
@@ -77,24 +166,70 @@ class PolicyMaps:
                         NET_VALUE.pack(entry.net_id, int(entry.any_port))))
             for port in entry.ports:
                 out.append(("ports", port_key(cgroup_id, entry.net_id, port), U32.pack(1)))
-        if policy.flags & 4:  # SKILL_FS_OBSERVE
-            for prefix in policy.fs_prefixes:
-                out.append(("fs_prefixes", path_key(cgroup_id, prefix), U32.pack(1)))
         return out
 
-    def install(self, cgroup_id: int, policy: BpfPolicy) -> None:
-        for name, key, value in self.entries(cgroup_id, policy):
+    def _update(self, name: str, key: bytes, value: bytes) -> None:
+        try:
             self.maps[name].update(key, value)
-        self.maps["skills"].update(skill_key(cgroup_id), SKILL.pack(policy.flags, 0, 0, 0, 0))
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:  #: kernel/bpf/hashtab.c, lpm_trie.c at max_entries
+                raise MapFull(errno.ENOSPC, f"bpf map {name} is full ({len(self.maps[name].keys())} entries)") \
+                    from None
+            raise
+
+    def _acquire_prefixes(self, prefixes: tuple[bytes, ...]) -> int:
+        """The fs policy id for these prefixes, writing them if no skill has them yet."""
+        fs_id = self.prefix_sets.lookup(prefixes)
+        if fs_id:
+            self.prefix_sets.acquire(fs_id)
+            return fs_id
+        fs_id = self.prefix_sets.new_id()
+        written = []
+        try:
+            for entry in prefixes:
+                self._update("fs_prefixes", path_key(fs_id, entry), U32.pack(1))
+                written.append(entry)
+        except BaseException:
+            for entry in written:
+                self.maps["fs_prefixes"].delete(path_key(fs_id, entry))
+            raise
+        self.prefix_sets.add(fs_id, prefixes, users=1)
+        return fs_id
+
+    def _release_prefixes(self, fs_id: int) -> None:
+        gone = self.prefix_sets.release(fs_id)
+        for entry in gone or ():
+            self.maps["fs_prefixes"].delete(path_key(fs_id, entry))
+
+    def install(self, cgroup_id: int, policy: BpfPolicy) -> None:
+        """Write every entry of the skill, or (on any error) none: MapFull when a map is full."""
+        fs_id = 0
+        if policy.flags & 4 and policy.fs_prefixes:  # SKILL_FS_OBSERVE
+            fs_id = self._acquire_prefixes(policy.fs_prefixes)
+        written = []
+        try:
+            for name, key, value in self.entries(cgroup_id, policy):
+                self._update(name, key, value)
+                written.append((name, key))
+            self._update("skills", skill_key(cgroup_id), SKILL.pack(policy.flags, fs_id, 0, 0, 0))
+        except BaseException:
+            for name, key in written:
+                self.maps[name].delete(key)
+            if fs_id:
+                self._release_prefixes(fs_id)
+            raise
 
     def remove(self, cgroup_id: int, policy: BpfPolicy | None) -> None:
         """Delete the skill; with no policy (an agent restart lost it), scan every map."""
+        value = self.maps["skills"].lookup(skill_key(cgroup_id))
         self.maps["skills"].delete(skill_key(cgroup_id))
+        if value is not None and SKILL.unpack(value)[1]:
+            self._release_prefixes(SKILL.unpack(value)[1])
         if policy is not None:
             for name, key, _ in self.entries(cgroup_id, policy):
                 self.maps[name].delete(key)
             return
-        for name in ("allow4", "allow6", "ports", "fs_prefixes"):
+        for name in ("allow4", "allow6", "ports"):
             rmap = self.maps[name]
             offset = 0 if name == "ports" else 4  # cgroup id follows prefixlen in LPM keys
             for key in rmap.keys():

@@ -503,6 +503,63 @@ def test_lost_events_are_counted(hooks, target, tmp_path):
         hooks.detach(attachment.skill_id)
 
 
+def test_a_thousand_skills_with_one_policy_share_one_prefix_set(hooks, tmp_path):
+    """1,050 live skills with the base profile fit (one prefix set per distinct
+    policy, not per skill); the set goes when the last of its skills detaches."""
+    from agent.enforce.bpf_maps import SKILL, PolicyMaps, path_entry, skill_key
+
+    policy = manifest(tmp_path, on_violation="kill")
+    prefixes = hooks.prepare(policy).fs_prefixes
+    assert len(prefixes) > 60  # the base profile's prefixes: 1,050 copies would not fit in 65,536
+    sleepers, attached = [], []
+
+    def set_keys(fs_id):
+        return [k for k in hooks.maps.maps["fs_prefixes"].keys() if path_entry(k)[0] == fs_id]
+    try:
+        for _ in range(1050):
+            sleepers.append(subprocess.Popen(["sleep", "600"]))
+            attached.append(hooks.attach(policy, [sleepers[-1].pid]))
+        fs_ids = {SKILL.unpack(hooks.maps.maps["skills"].lookup(skill_key(a.cgroup_id)))[1]
+                  for a in attached}
+        assert len(fs_ids) == 1 and 0 not in fs_ids
+        fs_id = fs_ids.pop()
+        assert sorted(path_entry(k)[1] for k in set_keys(fs_id)) == sorted(prefixes)
+        assert len(hooks.maps.maps["fs_prefixes"].keys()) == len(prefixes)  # no other copy
+        # A restarted agent rebuilds the user counts from the pinned maps.
+        assert PolicyMaps(hooks.loaded.map_fds).prefix_sets.users == {fs_id: 1050}
+        for a in attached[:-1]:
+            hooks.detach(a.skill_id)
+        assert len(set_keys(fs_id)) == len(prefixes)  # one user left: the set stays
+        hooks.detach(attached[-1].skill_id)
+        attached.clear()
+        assert set_keys(fs_id) == [] and hooks.maps.prefix_sets.users == {}
+    finally:
+        for a in attached:
+            try:
+                hooks.detach(a.skill_id)
+            except Exception:  # noqa: BLE001 - already detached
+                pass
+        for p in sleepers:
+            p.kill()
+            p.wait()
+
+
+def test_a_pin_dir_of_another_map_layout_is_refused(hooks):
+    from agent.enforce import bpf_hooks, bpf_sys
+
+    old = f"{PIN_DIR}-oldlayout"
+    os.makedirs(old)
+    try:
+        bpf_sys.obj_pin(hooks.loaded.map_fds["skills"], f"{old}/skills")  # maps, no `layout` pin
+        with pytest.raises(bpf_hooks.BpfError, match="layout .* this agent uses layout 2"):
+            bpf_hooks.load(Path("/nonexistent"), old)
+        assert os.listdir(old) == ["skills"]  # refused before anything was created
+    finally:
+        for name in os.listdir(old):
+            os.unlink(f"{old}/{name}")
+        os.rmdir(old)
+
+
 # ------------------------------------------------------------------ the agent dies
 
 def test_enforcement_survives_sigkill_of_the_agent_and_a_restart_takes_over(tmp_path, target, lab):

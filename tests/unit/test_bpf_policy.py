@@ -116,6 +116,34 @@ def test_map_keys_match_the_c_layout():
     assert resolver_key("198.51.100.53")[:8] == struct.pack("<I", 4) + bytes([198, 51, 100, 53])
 
 
+def test_path_key_carries_the_fs_policy_id_and_reads_back():
+    from agent.enforce.bpf_maps import path_entry, path_key
+
+    key = path_key(7, b"/etc/passwd\0")
+    assert struct.unpack_from("<IQ", key) == (64 + 8 * 12, 7)
+    assert path_entry(key) == (7, b"/etc/passwd\0")
+
+
+def test_skills_with_the_same_fs_rules_share_one_prefix_set():
+    from agent.enforce.bpf_maps import PrefixSets
+
+    a, b = (compile_bpf_policy(load_text(f'name: {n}\nversion: "1"\n', "t.yaml").policy)
+            for n in ("one", "two"))
+    assert a.fs_prefixes and a.fs_prefixes == b.fs_prefixes  # other skill, same rules: same strings
+    sets = PrefixSets()
+    assert sets.lookup(a.fs_prefixes) == 0
+    first = sets.new_id()
+    sets.add(first, a.fs_prefixes, users=1)
+    assert sets.lookup(b.fs_prefixes) == first
+    sets.acquire(first)
+    other = compiled('permissions:\n  fs:\n    dirs: ["/opt/*/cache:rw"]\n')
+    assert sets.lookup(other.fs_prefixes) == 0 and sets.new_id() == first + 1
+    assert sets.release(first) is None  # one user left: keep the entries
+    assert sets.release(first) == frozenset(a.fs_prefixes)  # the last: delete them
+    assert sets.lookup(a.fs_prefixes) == 0 and sets.new_id() == first  # the id is free again
+    assert sets.release(first) is None  # unknown ids are ignored
+
+
 def test_decode_event():
     from agent.enforce.bpf_maps import EVENT, EV_NET, EV_OPEN, decode_event
 
