@@ -20,6 +20,7 @@ from agent.manifest import load_text
 from agent.net.dns_stub import Addition, DnsStub, StubRules, parse_upstreams
 from agent.net.events import EventGate, missing_rule
 from agent.net.nflog import parse_messages, parse_payload
+from tests.conftest import require
 
 MANIFEST = ("name: n\nversion: '1'\npermissions:\n  tcp:\n    allowlist:\n"
             "      - 'api.example.test:443'\n      - '*.cdn.example.test:*'\n      - 'api.example.test:8443'\n"
@@ -217,7 +218,7 @@ def test_stub_answers_filters_admits_before_replying_and_refuses(rules):
                        admit=lambda adds: (admitted.extend(adds), order.append("admit")),
                        refuse=lambda op, rule: refusals.append((op, rule)), port=0)
     except PermissionError:
-        pytest.skip("SO_BINDTODEVICE needs CAP_NET_RAW on this kernel")
+        require(False, "SO_BINDTODEVICE needs CAP_NET_RAW (run as root)")
     try:
         client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         client.settimeout(3)
