@@ -40,6 +40,11 @@ setup-bench:
 # started on a host it says cannot enforce.
 run: setup
 	@if $(PYTHON) -m agent daemon --help >/dev/null 2>&1; then
+		echo "make run: starting skillguard daemon in the foreground (Ctrl-C or SIGTERM stops it). From another shell:" >&2
+		echo "  sudo .venv/bin/skillguard status" >&2
+		echo "  sudo .venv/bin/skillguard run --manifest M.yaml -- CMD ARGS      # launched and supervised through the daemon" >&2
+		echo "  sudo .venv/bin/skillguard register --manifest M.yaml --pid PID   # confine a process that already runs" >&2
+		echo "  sudo .venv/bin/skillguard ps; sudo .venv/bin/skillguard events; curl -s 127.0.0.1:9464/metrics" >&2
 		exec $(PYTHON) -m agent daemon
 	fi
 	$(PYTHON) -m agent doctor || { echo "make run: 'skillguard doctor' failed (exit $$?); not starting" >&2; exit 1; }
