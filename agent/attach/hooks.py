@@ -28,6 +28,7 @@ from agent.attach import procs
 ACTIVE = "active"
 NEEDS_LAUNCH = "needs launch: "
 UNAVAILABLE = "unavailable: "
+PARTIAL = "partial: "
 
 # Layers a launch applies and an attach never can: a process can only
 # restrict itself (seccomp(2), landlock_restrict_self(2), unshare(2),
@@ -308,9 +309,34 @@ class Hooks:
         except BaseException:
             self._undo(skill, done)
             raise
+        layers = self._sockets_held_before(skill, moved, layers, require)
         attachment = Attachment(skill_id, policy.name, tuple(moved), str(cgroup.v2_path), cg, layers)
         skill.attachment = attachment
         return attachment
+
+    def _sockets_held_before(self, skill: _Skill, moved: list[int], layers: dict,
+                             require: list[str]) -> dict:
+        """A socket keeps the cgroup it was created in (sk_cgrp_data, set in
+        sk_alloc()), and both the cgroup hooks and `socket cgroupv2` look at
+        that: sockets a process already holds are not confined. Say so in the
+        layer report, and refuse when those layers were required."""
+        held = {pid: n for pid in moved if (n := procs.inet_socket_count(pid))}
+        if not held:
+            return layers
+        why = (PARTIAL + f"{sum(held.values())} inet socket(s) opened before the attach "
+               f"(pids {', '.join(map(str, sorted(held)))}) keep the cgroup they were created "
+               "in and are not confined; new sockets are")
+        layers = dict(layers)
+        for layer in ("bpf-connect", "nftables-cgroup"):
+            if layers.get(layer) == ACTIVE:
+                layers[layer] = why
+        self.note(f"network: {why}")
+        refused = [r for r in require if r in ("bpf-connect", "nftables-cgroup")]
+        if refused:
+            self._undo(skill, ["maps", "nft", "registered"], moving_out=True)
+            raise AttachError("require", f"required layer(s) {', '.join(refused)}: {why}; "
+                                         "the process was moved back")
+        return layers
 
     def _check_pid(self, pid: int) -> None:
         if pid <= 1 or pid == os.getpid():

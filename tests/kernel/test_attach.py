@@ -99,9 +99,13 @@ def do(cmd):
         if op == "chdir":
             os.chdir(cmd["path"])
             return {"ok": os.getcwd()}
+        if op == "hold_udp":  # a socket kept open across the attach
+            HELD.append(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+            return {"ok": len(HELD)}
     except OSError as e:
         return {"errno": e.errno}
     return {"error": "unknown op"}
+HELD = []
 print(json.dumps({"ready": os.getpid()}), flush=True)
 for line in sys.stdin:
     print(json.dumps(do(json.loads(line))), flush=True)
@@ -429,6 +433,30 @@ def test_require_refuses_and_changes_nothing(hooks, target, tmp_path):
     assert not any((hooks.v2_mount / SUBTREE).glob("*/*"))
     ok = hooks.attach(manifest(tmp_path), [t.pid], require=["bpf-connect", "nftables-cgroup", "cgroup"])
     hooks.detach(ok.skill_id)
+
+
+def test_sockets_held_before_the_attach_are_reported_and_refused_when_required(hooks, target, tmp_path):
+    from agent.attach import AttachError
+
+    t = target()
+    assert _ok(t.ask(op="hold_udp"))
+    before = Path(f"/proc/{t.pid}/cgroup").read_text()
+    with pytest.raises(AttachError) as info:
+        hooks.attach(manifest(tmp_path), [t.pid], require=["bpf-connect"])
+    assert "1 inet socket(s) opened before the attach" in str(info.value)
+    assert Path(f"/proc/{t.pid}/cgroup").read_text() == before
+    attachment = hooks.attach(manifest(tmp_path), [t.pid])
+    try:
+        assert attachment.layers["bpf-connect"].startswith("partial: 1 inet socket(s)")
+        assert attachment.layers["cgroup"] == "active"
+    finally:
+        hooks.detach(attachment.skill_id)
+    fresh = target()
+    attachment = hooks.attach(manifest(tmp_path), [fresh.pid])
+    try:
+        assert attachment.layers["bpf-connect"] == "active"
+    finally:
+        hooks.detach(attachment.skill_id)
 
 
 # ------------------------------------------------------------------ files
