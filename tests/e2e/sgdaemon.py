@@ -340,3 +340,38 @@ def collect_events(client, predicate, count: int = 1, timeout: float = 15.0) -> 
         except ClientError as exc:
             raise AssertionError(f"waiting for events: {exc} ({len(matched)} of {count} seen)") from None
     return matched
+
+
+def run_in_cgroup(cgroup: Path, work) -> object:
+    """Fork a child, move it into `cgroup` (created here, removed after, with
+    its parent when that empties), run `work()` there and return its
+    JSON-able result: how the tests act as a process inside a skill cgroup."""
+    cgroup.mkdir(parents=True)
+    r, w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            os.close(go_w)
+            os.read(go_r, 1)  # wait until moved
+            os.write(w, json.dumps(work()).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.close(go_r)
+    try:
+        (cgroup / "cgroup.procs").write_text(str(pid))
+        os.write(go_w, b"x")
+        data = b""
+        while chunk := os.read(r, 65536):
+            data += chunk
+        os.waitpid(pid, 0)
+    finally:
+        os.close(r)
+        os.close(go_w)
+        wait_for(lambda: not (cgroup / "cgroup.procs").read_text().strip(), 5, what="the cgroup to empty")
+        cgroup.rmdir()
+        with contextlib.suppress(OSError):
+            cgroup.parent.rmdir()
+    return json.loads(data)

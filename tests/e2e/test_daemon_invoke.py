@@ -17,6 +17,7 @@ import pytest
 
 from conftest import require
 from sgdaemon import (DaemonProcess, collect_events, make_root, manifest_text, read_all, remove_root,
+                      run_in_cgroup,
                       wait_for)
 
 
@@ -288,47 +289,21 @@ def test_a_process_in_a_skill_cgroup_may_not_call_invoke(daemon):
     """A refused `invoke` writes a violation in the caller's name: a process
     inside a skill cgroup (here root, moved below the daemon's subtree) must
     not be able to forge those."""
-    import json
-
     from agent.enforce.cgroupfs import cgroup_mounts
 
     mounts = cgroup_mounts()
     require(mounts.v2 is not None, "needs a cgroup v2 hierarchy")
-    cgroup = mounts.v2 / daemon.subtree / f"e2e-invoke-{os.getpid()}"
-    cgroup.mkdir(parents=True)
     before = daemon.metric("skillguard_violations_total", layer="invoke")
-    r, w = os.pipe()
-    go_r, go_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            os.close(go_w)
-            os.read(go_r, 1)  # wait until moved
-            from agent.client import RpcError
 
-            try:
-                reply = {"result": daemon.call("invoke", {"caller": "web-fetch", "callee": "fs-locked"})}
-            except RpcError as exc:
-                reply = {"code": exc.code, "message": exc.message}
-            os.write(w, json.dumps(reply).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    os.close(go_r)
-    try:
-        (cgroup / "cgroup.procs").write_text(str(pid))
-        os.write(go_w, b"x")
-        data = b""
-        while chunk := os.read(r, 65536):
-            data += chunk
-        os.waitpid(pid, 0)
-    finally:
-        os.close(r)
-        os.close(go_w)
-        wait_for(lambda: not (cgroup / "cgroup.procs").read_text().strip(), 5, what="the cgroup to empty")
-        cgroup.rmdir()
-    reply = json.loads(data)
+    def call():
+        from agent.client import RpcError
+
+        try:
+            return {"result": daemon.call("invoke", {"caller": "web-fetch", "callee": "fs-locked"})}
+        except RpcError as exc:
+            return {"code": exc.code, "message": exc.message}
+
+    reply = run_in_cgroup(mounts.v2 / daemon.subtree / f"e2e-invoke-{os.getpid()}", call)
     assert reply.get("code") == -32001 and "skill cgroup" in reply["message"], reply
     assert daemon.metric("skillguard_violations_total", layer="invoke") == before
     # The same call from outside any skill cgroup is answered (and the refusal recorded).

@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from conftest import require
-from sgdaemon import LineReader, manifest_text, running_daemon, wait_for
+from sgdaemon import LineReader, manifest_text, run_in_cgroup, running_daemon, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -190,47 +190,19 @@ def test_process_in_a_skill_cgroup_may_not_mutate(daemon):
 
     mounts = cgroup_mounts()
     require(mounts.v2 is not None, "needs a cgroup v2 hierarchy")
-    cgroup = mounts.v2 / "skillguard" / f"e2e-auth-{os.getpid()}"
-    cgroup.mkdir(parents=True)
-    r, w = os.pipe()
-    go_r, go_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            os.close(go_w)
-            os.read(go_r, 1)  # wait until moved
-            replies = {}
-            for method, params in (("status", {}), ("list", {}), ("reload", {}),
-                                   ("unregister", {"id": "r-anything"}),
-                                   ("launch", {"skill": "x"}),
-                                   ("register", {"pids": [os.getpid()], "skill": "x"})):
-                with raw(daemon) as s:
-                    s.sendall(json.dumps({"jsonrpc": "2.0", "id": 1, "method": method,
-                                          "params": params}).encode() + b"\n")
-                    replies[method] = read_line(s)
-            os.write(w, json.dumps(replies).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    os.close(go_r)
-    try:
-        (cgroup / "cgroup.procs").write_text(str(pid))
-        os.write(go_w, b"x")
-        data = b""
-        while chunk := os.read(r, 65536):
-            data += chunk
-        os.waitpid(pid, 0)
-    finally:
-        os.close(r)
-        os.close(go_w)
-        wait_for(lambda: not (cgroup / "cgroup.procs").read_text().strip(), 5, what="the cgroup to empty")
-        cgroup.rmdir()
-        try:
-            cgroup.parent.rmdir()
-        except OSError:
-            pass
-    replies = json.loads(data)
+    def calls():
+        replies = {}
+        for method, params in (("status", {}), ("list", {}), ("reload", {}),
+                               ("unregister", {"id": "r-anything"}),
+                               ("launch", {"skill": "x"}),
+                               ("register", {"pids": [os.getpid()], "skill": "x"})):
+            with raw(daemon) as s:
+                s.sendall(json.dumps({"jsonrpc": "2.0", "id": 1, "method": method,
+                                      "params": params}).encode() + b"\n")
+                replies[method] = read_line(s)
+        return replies
+
+    replies = run_in_cgroup(mounts.v2 / "skillguard" / f"e2e-auth-{os.getpid()}", calls)
     assert "result" in replies["status"] and "result" in replies["list"]
     for method in ("reload", "unregister", "launch", "register"):
         error = replies[method]["error"]
