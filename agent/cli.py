@@ -43,8 +43,9 @@ def _load_or_report(path: str):
     return result.policy
 
 
-def _load_cached(path: str, cache_root):
-    """`_load_or_report` for launches: the load is memoized by the manifest's bytes."""
+def _load_cached(path: str, cache_root, warnings_out: list | None = None):
+    """`_load_or_report` for launches: the load is memoized by the manifest's bytes.
+    The printed warnings are appended to `warnings_out`."""
     from agent.cache import key_of, memo
 
     try:
@@ -71,6 +72,8 @@ def _load_cached(path: str, cache_root):
         return _load_or_report(path)
     for line in warnings + errors:
         print(line, file=sys.stderr)
+    if warnings_out is not None:
+        warnings_out.extend(warnings)
     return policy
 
 
@@ -169,14 +172,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         cache_root = state_root(args.state_root)
     except IdentityError:
         cache_root = None  # the launch reports the bad root
+    warnings: list[str] = []
     if args.package:
         policy = _package_policy(args)  # verified under the host's require_signed/trusted_keys
     else:
-        policy = _load_cached(args.manifest, cache_root) if _bare_manifest_allowed(args) else None
+        policy = _load_cached(args.manifest, cache_root, warnings) if _bare_manifest_allowed(args) else None
     if policy is None:
         return 125
     from agent.events.violation import JsonLinesSink
-    from agent.launch.supervisor import LaunchError, RunOptions, run
+    from agent.launch.supervisor import LaunchError, RunOptions, make_plan, run
 
     command = list(args.command)
     if command[:1] == ["--"]:
@@ -189,7 +193,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     options = RunOptions(argv=tuple(command), audit=args.audit, state_root=args.state_root,
                          uid_range=args.uid_range, cwd=args.cwd)
     try:
-        outcome = run(policy, options, emit=sink.emit,
+        plan = make_plan(policy, options)
+        if not (args.package or args.config or args.state_root or args.uid_range or args.cwd) \
+                and cache_root is not None:
+            _store_plan(args, command, cache_root, plan, warnings)
+        outcome = run(policy, options, emit=sink.emit, plan=plan,
                       note=lambda text: print(f"skillguard: note: {text}", file=sys.stderr))
     except LaunchError as exc:
         print(f"skillguard: error: {exc} (the skill was not started)", file=sys.stderr)
@@ -197,6 +205,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         sink.close()
     return outcome.exit_code
+
+
+def _store_plan(args, command: list, cache_root: str, plan: dict, warnings: list) -> None:
+    """Keep the plan for the next `run` of the same inputs (agent/fastrun.py)."""
+    import os
+
+    from agent.client import default_socket_path
+    from agent.launch import plan_cache
+
+    if os.geteuid() != 0:
+        return
+    try:
+        with open(args.manifest, "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return
+    material = plan_cache.inputs(args.manifest, data, command, args.audit)
+    plan_cache.store(cache_root, material, {"plan": plan, "warnings": list(warnings),
+                                            "socket": default_socket_path()})
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:

@@ -237,6 +237,24 @@ install_python_packages() {
         --config-settings editable_mode=compat -e "$REPO_ROOT[test]"
 }
 
+install_command() {
+    # The `skillguard` command pip generated starts Python with site-packages
+    # (~5 ms, plus .pth hooks) before it knows what it will do. This one starts
+    # it isolated and without site (-IS); agent/fastrun.py adds site-packages
+    # only when the full CLI is needed, so `skillguard run` from a stored plan
+    # imports nothing but the launcher (bench/launch).
+    local target="$VENV/bin/skillguard"
+    cat >"$target.tmp" <<EOF
+#!$VENV/bin/python -IS
+import sys
+sys.path.insert(0, "$REPO_ROOT")
+from agent.fastrun import main
+raise SystemExit(main())
+EOF
+    chmod 0755 "$target.tmp"
+    mv -f "$target.tmp" "$target"
+}
+
 main() {
     refuse_unsupported_host
 
@@ -266,6 +284,7 @@ main() {
         # import, which never happens under PYTHONDONTWRITEBYTECODE, and then
         # every `skillguard run` compiles its modules again (~30 ms).
         "$VENV/bin/python" -m compileall -q "$REPO_ROOT/agent" >/dev/null
+        install_command
     fi
 
     local elapsed

@@ -9,11 +9,7 @@ ENV, PS4 via SHELLOPTS=xtrace).
 """
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-from typing import Mapping
-
-from agent.manifest.model import Policy
+# Imported by the launcher on every launch (`filter_env`): nothing heavy here.
 
 # Taken from the caller's environment when present.
 SAFE_PASSTHROUGH = ("LANG", "LANGUAGE", "TERM", "TZ", "COLORTERM", "NO_COLOR")
@@ -37,7 +33,13 @@ PROTECTED = frozenset({
     "GEM_HOME", "R_PROFILE", "PHPRC", "ZDOTDIR",
 })
 
-VALID_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_NAME_START = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_")
+_NAME_REST = _NAME_START | frozenset("0123456789")
+
+
+def valid_name(name: str) -> bool:
+    """A POSIX shell variable name: [A-Za-z_][A-Za-z0-9_]*."""
+    return bool(name) and name[0] in _NAME_START and all(c in _NAME_REST for c in name)
 
 
 def is_protected(name: str) -> bool:
@@ -46,7 +48,7 @@ def is_protected(name: str) -> bool:
 
 def refusal(name: str) -> str | None:
     """Why `name` may not appear in `env.pass`, or None when it may."""
-    if not VALID_NAME.match(name):
+    if not valid_name(name):
         return f"'{name}' is not a valid variable name"
     if name in MANAGED:
         return f"'{name}' is set by skillguard itself"
@@ -55,28 +57,49 @@ def refusal(name: str) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
 class EnvArtifact:
-    env: tuple[tuple[str, str], ...]  # sorted (name, value) pairs
-    refused: tuple[str, ...]  # protected names the caller had, not passed
+    __slots__ = ("env", "refused")
+
+    def __init__(self, env: tuple, refused: tuple):
+        self.env = env  # sorted (name, value) pairs
+        self.refused = refused  # protected names the caller had, not passed
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, EnvArtifact) and (self.env, self.refused) == (other.env, other.refused)
+
+    def __repr__(self) -> str:
+        return f"EnvArtifact(env={self.env!r}, refused={self.refused!r})"
 
     def as_dict(self) -> dict[str, str]:
         return dict(self.env)
 
 
-def compile_env(policy: Policy, caller_env: Mapping[str, str], *, home: str,
-                user: str) -> EnvArtifact:
-    """The exact environment for `execve`, from the caller's and the policy's."""
-    env = {
+def fixed_env(policy, *, home: str, user: str) -> dict[str, str]:
+    """The variables skillguard sets itself (MANAGED)."""
+    return {
         "HOME": home, "USER": user, "LOGNAME": user, "PATH": DEFAULT_PATH,
         "TMPDIR": "/tmp", "SHELL": "/bin/sh", "SKILLGUARD_SKILL": policy.name,
     }
-    wanted = set(policy.env.passthrough)
+
+
+def passable_names(policy) -> set[str]:
+    """The manifest's `env.pass` names that may be passed."""
+    return {name for name in policy.env.passthrough if refusal(name) is None}
+
+
+def filter_env(fixed: dict, passable, caller_env) -> EnvArtifact:
+    """The exact environment for `execve`: `fixed`, then from `caller_env` the
+    safe set and the `passable` names; protected names are reported."""
+    env = dict(fixed)
     for name, value in caller_env.items():
         if name in env:
             continue
-        if name in SAFE_PASSTHROUGH or name.startswith(SAFE_PASSTHROUGH_PREFIXES) \
-                or (name in wanted and refusal(name) is None):
+        if name in SAFE_PASSTHROUGH or name.startswith(SAFE_PASSTHROUGH_PREFIXES) or name in passable:
             env[name] = value
     refused = sorted(n for n in caller_env if is_protected(n) and n not in MANAGED)
-    return EnvArtifact(env=tuple(sorted(env.items())), refused=tuple(refused))
+    return EnvArtifact(tuple(sorted(env.items())), tuple(refused))
+
+
+def compile_env(policy, caller_env, *, home: str, user: str) -> EnvArtifact:
+    """The exact environment for `execve`, from the caller's and the policy's."""
+    return filter_env(fixed_env(policy, home=home, user=user), passable_names(policy), caller_env)

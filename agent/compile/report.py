@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import textwrap
 
-from agent.compile import Artifacts
+from agent.compile.artifacts import Artifacts
 from agent.compile import env as envrules
 
 

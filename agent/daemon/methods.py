@@ -213,8 +213,6 @@ async def launch(daemon, conn, params, fds):
         # only when both manifests agree; a refusal is recorded like `invoke`'s.
         caller_policy, caller_skill = _invoke_party(daemon, params, "invoked_by")
         _authorize_invoke(daemon, caller_policy, caller_skill, policy, None, raise_on_refusal=True)
-    from dataclasses import fields as dc_fields
-
     from agent.daemon.launcher import fork_supervisor
     from agent.daemon.registry import boot_id, process_start_time
     from agent.launch.supervisor import RunOptions
@@ -224,7 +222,7 @@ async def launch(daemon, conn, params, fds):
               "uid_range": config.uid_range, "caller_env": env if env is not None else {}, "cwd": workdir,
               # Network settings, for the RunOptions fields the network layer defines.
               "address_pool": config.address_pool, "dns_upstream": config.dns_upstream}
-    known = {f.name for f in dc_fields(RunOptions)}
+    known = set(RunOptions.FIELDS)
     options = RunOptions(**{k: v for k, v in wanted.items() if k in known})
     skill = Skill(id=new_id("launched"), kind="launched", name=policy.name, manifest_text=text,
                   source=source, policy=policy, boot_id=boot_id(), argv=tuple(argv))

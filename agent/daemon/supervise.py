@@ -211,6 +211,4 @@ def supervise(launch_id: str, policy, options, stdio: list, cwd: Optional[str], 
 
 
 def _violation_dict(violation) -> dict:
-    from dataclasses import asdict
-
-    return asdict(violation)
+    return violation.fields()

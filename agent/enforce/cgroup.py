@@ -13,22 +13,18 @@ Documentation/scheduler/sched-bwc.rst.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
-import re
-import signal
 import time
-from pathlib import Path
-from typing import Optional
 
-from agent.compile.rlimits import Limits
+# Nothing heavy at import: the launcher's child and `skillguard run` use this
+# module (bench/launch). Paths are strings; `v2_path`/`v1_paths` give Paths.
 
 ROOT_NAME = "skillguard"
 CPU_PERIOD_US = 100_000
 CPU_MIN_QUOTA_US = 1_000  # the kernel refuses smaller CFS quotas (sched-bwc.rst)
 LIMITED_CONTROLLERS = ("memory", "pids", "cpu")
 _NAME_MAX = 64
-_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
+_SAFE_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
 
 
 class CgroupError(RuntimeError):
@@ -47,7 +43,23 @@ def cpu_quota_us(cpu: float, period_us: int = CPU_PERIOD_US) -> int:
     return max(CPU_MIN_QUOTA_US, round(cpu * period_us))
 
 
-def v2_limit_files(limits: Limits, controller: str) -> list[tuple[str, str]]:
+class LimitValues:
+    """The three cgroup limits as plain numbers (None: not asked for); what
+    `compile.rlimits.Limits` holds, without importing the compilers."""
+
+    __slots__ = ("memory_bytes", "cpu", "pids")
+
+    def __init__(self, memory_bytes=None, cpu=None, pids=None):
+        self.memory_bytes, self.cpu, self.pids = memory_bytes, cpu, pids
+
+    def requested(self, controller: str) -> bool:
+        return self.value_for(controller) is not None
+
+    def value_for(self, controller: str):
+        return {"memory": self.memory_bytes, "cpu": self.cpu, "pids": self.pids}[controller]
+
+
+def v2_limit_files(limits, controller: str) -> list[tuple[str, str]]:
     """(file, value) pairs that set `controller`'s limit in a v2 cgroup, in order."""
     value = limits.value_for(controller)
     if value is None:
@@ -63,7 +75,7 @@ def v2_limit_files(limits: Limits, controller: str) -> list[tuple[str, str]]:
     raise ValueError(controller)
 
 
-def v1_limit_files(limits: Limits, controller: str) -> list[tuple[str, str]]:
+def v1_limit_files(limits, controller: str) -> list[tuple[str, str]]:
     """(file, value) pairs that set `controller`'s limit in a v1 cgroup, in order.
 
     memory: memsw (memory+swap) gets the same value as the memory limit, so the
@@ -92,9 +104,11 @@ def safe_name(name: str) -> str:
     """A directory name for `name`: unsafe characters become `_`; when that
     changed anything (or the name is too long) a short hash of the original
     keeps distinct names distinct."""
-    cleaned = _UNSAFE_NAME_CHARS.sub("_", name).lstrip(".")
+    cleaned = "".join(c if c in _SAFE_NAME_CHARS else "_" for c in name).lstrip(".")
     if cleaned == name and 0 < len(name) <= _NAME_MAX:
         return name
+    import hashlib
+
     digest = hashlib.sha256(name.encode()).hexdigest()[:10]
     return f"{cleaned[:_NAME_MAX] or 'x'}-{digest}"
 
@@ -111,7 +125,7 @@ def parse_flat_keyed(text: str) -> dict[str, int]:
 
 # ---- file helpers ----------------------------------------------------------
 
-def _write(path: Path, value: str, controller: str) -> None:
+def _write(path: str, value: str, controller: str) -> None:
     try:
         fd = os.open(path, os.O_WRONLY)
         try:
@@ -122,20 +136,20 @@ def _write(path: Path, value: str, controller: str) -> None:
         raise CgroupError(controller, f"writing {value!r} to {path}: {e.strerror}") from e
 
 
-def _read(path: Path) -> str:
+def _read(path: str) -> str:
     with open(path) as f:
         return f.read()
 
 
-def _read_pids(procs_file: Path) -> list[int]:
+def _read_pids(procs_file: str) -> list[int]:
     try:
         return [int(x) for x in _read(procs_file).split()]
     except FileNotFoundError:
         return []
 
 
-def _mkdir_path(mount: Path, parts: tuple[str, ...], controller: str,
-                created: list[Path]) -> Path:
+def _mkdir_path(mount: str, parts: tuple[str, ...], controller: str,
+                created: list[str]) -> str:
     """mkdir every level under `mount`, appending new ones to `created`.
     The leaf must be new: an instance name is unique per launch."""
     # A concurrent remove() of a sibling instance may rmdir a shared parent
@@ -144,7 +158,7 @@ def _mkdir_path(mount: Path, parts: tuple[str, ...], controller: str,
         path = mount
         try:
             for i, part in enumerate(parts):
-                path = path / part
+                path = os.path.join(path, part)
                 try:
                     os.mkdir(path, 0o755)
                     created.append(path)
@@ -169,23 +183,35 @@ def _mounts():
 class SkillCgroup:
     """The cgroup(s) of one running skill instance."""
 
-    def __init__(self, v2_path: Optional[Path], v1_paths: dict[str, Path],
-                 applied: dict[str, str], cgroup_id: Optional[int]):
-        self.v2_path = v2_path
-        self.v1_paths = dict(v1_paths)
+    def __init__(self, v2_path, v1_paths: dict, applied: dict[str, str], cgroup_id: int | None):
+        self.v2 = os.fspath(v2_path) if v2_path is not None else None
+        self.v1 = {ctrl: os.fspath(path) for ctrl, path in v1_paths.items()}
         self.id = cgroup_id  # inode of the v2 directory (cgroup id); None without v2
         self._applied = dict(applied)
         # Precomputed so that add() in a forked child only opens and writes.
-        self._procs_files = [p / "cgroup.procs" for p in self._all_dirs()]
+        self._procs_files = [os.path.join(p, "cgroup.procs") for p in self._all_dirs()]
+
+    @property
+    def v2_path(self):
+        """The v2 directory as a Path (None without v2)."""
+        from pathlib import Path
+
+        return Path(self.v2) if self.v2 is not None else None
+
+    @property
+    def v1_paths(self) -> dict:
+        from pathlib import Path
+
+        return {ctrl: Path(path) for ctrl, path in self.v1.items()}
 
     # -- creation --
 
     @classmethod
-    def create(cls, skill: str, instance: str, limits: Limits, mounts=None,
+    def create(cls, skill: str, instance: str, limits, mounts=None,
                root: str = ROOT_NAME) -> "SkillCgroup":
         mounts = mounts if mounts is not None else _mounts()
         parts = (root, safe_name(skill), safe_name(str(instance)))
-        created: list[Path] = []
+        created: list[str] = []
         try:
             return cls._create(parts, limits, mounts, created)
         except BaseException:
@@ -197,16 +223,17 @@ class SkillCgroup:
             raise
 
     @classmethod
-    def _create(cls, parts, limits: Limits, mounts, created: list[Path]) -> "SkillCgroup":
-        v2_mount: Optional[Path] = mounts.v2
+    def _create(cls, parts, limits, mounts, created: list[str]) -> "SkillCgroup":
+        v2_mount = os.fspath(mounts.v2) if mounts.v2 is not None else None
+        v1_mounts = {ctrl: os.fspath(path) for ctrl, path in mounts.v1.items()}
         v2_offered = set()
         if v2_mount is not None:
-            v2_offered = set(_read(v2_mount / "cgroup.controllers").split())
+            v2_offered = set(_read(os.path.join(v2_mount, "cgroup.controllers")).split())
         placement: dict[str, str] = {}
         for ctrl in LIMITED_CONTROLLERS:
             if ctrl in v2_offered:
                 placement[ctrl] = "v2"
-            elif ctrl in mounts.v1:
+            elif ctrl in v1_mounts:
                 placement[ctrl] = "v1"
             elif limits.requested(ctrl):
                 raise CgroupError(ctrl, "controller is neither offered by cgroup v2 "
@@ -221,18 +248,18 @@ class SkillCgroup:
             for ctrl in v2_ctrls:
                 cls._write_limits(v2_path, v2_limit_files(limits, ctrl), ctrl)
 
-        v1_paths: dict[str, Path] = {}
+        v1_paths: dict[str, str] = {}
         for ctrl in LIMITED_CONTROLLERS:
             if placement[ctrl] == "v1" and limits.requested(ctrl):
-                v1_paths[ctrl] = _mkdir_path(mounts.v1[ctrl], parts, ctrl, created)
+                v1_paths[ctrl] = _mkdir_path(v1_mounts[ctrl], parts, ctrl, created)
                 cls._write_limits(v1_paths[ctrl], v1_limit_files(limits, ctrl), ctrl)
         # Without v2 `cgroup.freeze` (< 5.2, or no v2), kill() needs the v1
         # freezer to stop forks while it signals.
-        if v2_path is None or not (v2_path / "cgroup.freeze").exists():
-            if "freezer" not in mounts.v1:
+        if v2_path is None or not os.path.exists(os.path.join(v2_path, "cgroup.freeze")):
+            if "freezer" not in v1_mounts:
                 raise CgroupError("freezer", "no cgroup v2 cgroup.freeze and no "
                                              "v1 freezer hierarchy: a skill could not be killed reliably")
-            v1_paths["freezer"] = _mkdir_path(mounts.v1["freezer"], parts, "freezer", created)
+            v1_paths["freezer"] = _mkdir_path(v1_mounts["freezer"], parts, "freezer", created)
 
         applied = {c: (placement[c] if limits.requested(c) else "not requested")
                    for c in LIMITED_CONTROLLERS}
@@ -242,7 +269,7 @@ class SkillCgroup:
         return cls(v2_path, v1_paths, applied, cgroup_id)
 
     @staticmethod
-    def _make_v2(mount: Path, parts, ctrls: list[str], created: list[Path]) -> Path:
+    def _make_v2(mount: str, parts, ctrls: list[str], created: list[str]) -> str:
         leaf = _mkdir_path(mount, parts, "cgroup", created)
         if ctrls:
             # Enable the controllers top-down for the children of each level
@@ -251,23 +278,23 @@ class SkillCgroup:
             level = mount
             for part in parts:
                 _enable_subtree(level, ctrls)
-                level = level / part
+                level = os.path.join(level, part)
         return leaf
 
     @staticmethod
-    def _write_limits(path: Path, pairs: list[tuple[str, str]], ctrl: str) -> None:
+    def _write_limits(path: str, pairs: list[tuple[str, str]], ctrl: str) -> None:
         for name, value in pairs:
-            target = path / name
-            if name in OPTIONAL_LIMIT_FILES and not target.exists():
+            target = os.path.join(path, name)
+            if name in OPTIONAL_LIMIT_FILES and not os.path.exists(target):
                 continue
             _write(target, value, ctrl)
 
     # -- membership --
 
-    def _all_dirs(self) -> list[Path]:
-        dirs = list(self.v1_paths.values())
-        if self.v2_path is not None:
-            dirs.append(self.v2_path)
+    def _all_dirs(self) -> list[str]:
+        dirs = list(self.v1.values())
+        if self.v2 is not None:
+            dirs.append(self.v2)
         return dirs
 
     def add(self, pid: int) -> None:
@@ -285,6 +312,36 @@ class SkillCgroup:
                     os.close(fd)
             except OSError as e:
                 raise CgroupError("cgroup", f"moving pid {pid} into {procs}: {e.strerror}") from e
+
+    def join_v1_self(self) -> None:
+        """Move the calling single-threaded process into the v1 hierarchies.
+
+        Writes "0" to each v1 `tasks` file: moving only the calling thread
+        skips the global cgroup_threadgroup_rwsem, whose write side waits an
+        RCU grace period unless the hierarchy has favordynmods
+        (kernel/cgroup/cgroup.c cgroup_procs_write_start: the lock is taken
+        only for `pid || threadgroup`). With one thread, that thread is the
+        whole process. Safe in a forked child before exec.
+        """
+        for path in self.v1.values():
+            tasks = os.path.join(path, "tasks")
+            try:
+                fd = os.open(tasks, os.O_WRONLY)
+                try:
+                    os.write(fd, b"0")
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                raise CgroupError("cgroup", f"moving the launcher into {tasks}: {e.strerror}") from e
+
+    def open_v2(self) -> int | None:
+        """An fd of the v2 directory for clone3(CLONE_INTO_CGROUP), or None without v2."""
+        if self.v2 is None:
+            return None
+        try:
+            return os.open(self.v2, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise CgroupError("cgroup", f"open {self.v2}: {e.strerror}") from e
 
     def pids(self) -> list[int]:
         """Member processes (tgids), from every hierarchy, sorted."""
@@ -312,11 +369,11 @@ class SkillCgroup:
         """
         where = self._applied["memory"]
         if where == "v2":
-            ev = parse_flat_keyed(_read(self.v2_path / "memory.events"))
+            ev = parse_flat_keyed(_read(os.path.join(self.v2, "memory.events")))
             return {"max": ev.get("max", 0), "oom": ev.get("oom", 0),
                     "oom_kill": ev.get("oom_kill", 0)}
         if where == "v1":
-            ctl = parse_flat_keyed(_read(self.v1_paths["memory"] / "memory.oom_control"))
+            ctl = parse_flat_keyed(_read(os.path.join(self.v1["memory"], "memory.oom_control")))
             kills = ctl.get("oom_kill", 0)
             return {"oom": kills, "oom_kill": kills}
         return {"oom": 0, "oom_kill": 0}
@@ -325,9 +382,9 @@ class SkillCgroup:
         """How many forks the pids limit refused ("max" in pids.events)."""
         where = self._applied["pids"]
         if where == "v2":
-            return parse_flat_keyed(_read(self.v2_path / "pids.events")).get("max", 0)
+            return parse_flat_keyed(_read(os.path.join(self.v2, "pids.events"))).get("max", 0)
         if where == "v1":
-            return parse_flat_keyed(_read(self.v1_paths["pids"] / "pids.events")).get("max", 0)
+            return parse_flat_keyed(_read(os.path.join(self.v1["pids"], "pids.events"))).get("max", 0)
         return 0
 
     def cpu_stat(self) -> dict[str, int]:
@@ -335,10 +392,10 @@ class SkillCgroup:
         cpu controller) merged with nr_periods/nr_throttled/throttled_* from
         wherever the cpu limit lives."""
         stat: dict[str, int] = {}
-        if self.v2_path is not None:
-            stat.update(parse_flat_keyed(_read(self.v2_path / "cpu.stat")))
+        if self.v2 is not None:
+            stat.update(parse_flat_keyed(_read(os.path.join(self.v2, "cpu.stat"))))
         if self._applied["cpu"] == "v1":
-            stat.update(parse_flat_keyed(_read(self.v1_paths["cpu"] / "cpu.stat")))
+            stat.update(parse_flat_keyed(_read(os.path.join(self.v1["cpu"], "cpu.stat"))))
         return stat
 
     # -- teardown --
@@ -349,19 +406,19 @@ class SkillCgroup:
         v2 `cgroup.kill` (>= 5.14) kills atomically, forks included. Without it,
         freeze, signal every member, thaw, repeat until empty.
         """
-        if self.v2_path is not None and (self.v2_path / "cgroup.kill").exists():
-            _write(self.v2_path / "cgroup.kill", "1", "cgroup")
+        if self.v2 is not None and os.path.exists(os.path.join(self.v2, "cgroup.kill")):
+            _write(os.path.join(self.v2, "cgroup.kill"), "1", "cgroup")
             # Members added to a v1 hierarchy only (should not happen): signal them.
             if not self._wait_empty(timeout):
                 self._kill_with_signals(timeout)
         else:
             self._kill_with_signals(timeout)
 
-    def _freeze_file(self) -> tuple[Path, str, str]:
-        if self.v2_path is not None and (self.v2_path / "cgroup.freeze").exists():
-            return self.v2_path / "cgroup.freeze", "1", "0"
-        if "freezer" in self.v1_paths:
-            return self.v1_paths["freezer"] / "freezer.state", "FROZEN", "THAWED"
+    def _freeze_file(self) -> tuple[str, str, str]:
+        if self.v2 is not None and os.path.exists(os.path.join(self.v2, "cgroup.freeze")):
+            return os.path.join(self.v2, "cgroup.freeze"), "1", "0"
+        if "freezer" in self.v1:
+            return os.path.join(self.v1["freezer"], "freezer.state"), "FROZEN", "THAWED"
         raise CgroupError("freezer", "no v2 cgroup.freeze and no v1 freezer to stop forks while killing")
 
     def _kill_with_signals(self, timeout: float = 5.0) -> None:
@@ -381,7 +438,7 @@ class SkillCgroup:
             try:
                 for pid in self.pids():
                     try:
-                        os.kill(pid, signal.SIGKILL)
+                        os.kill(pid, 9)  # SIGKILL
                     except ProcessLookupError:
                         pass
             finally:
@@ -407,17 +464,18 @@ class SkillCgroup:
             self.kill()
         for path in self._all_dirs():
             _rmdir_retrying(path)
+            parent = os.path.dirname(path)
             try:
-                os.rmdir(path.parent)  # the skill level; other instances keep it busy
+                os.rmdir(parent)  # the skill level; other instances keep it busy
             except OSError as e:
                 if e.errno not in (errno.ENOENT, errno.ENOTEMPTY, errno.EBUSY):
-                    raise CgroupError("cgroup", f"rmdir {path.parent}: {e.strerror}") from e
+                    raise CgroupError("cgroup", f"rmdir {parent}: {e.strerror}") from e
 
     def __repr__(self) -> str:
-        return f"SkillCgroup(v2={self.v2_path}, v1={self.v1_paths}, id={self.id})"
+        return f"SkillCgroup(v2={self.v2}, v1={self.v1}, id={self.id})"
 
 
-def cgroup_id(v2_dir: Path) -> int:
+def cgroup_id(v2_dir) -> int:
     """The id bpf_get_current_cgroup_id() returns for tasks in `v2_dir`: the
     kernfs inode number (fs/kernfs: ino = kn->id on 64-bit)."""
     return os.stat(v2_dir).st_ino
@@ -427,13 +485,13 @@ def task_cgroups(pid: int) -> dict[str, str]:
     """Where process `pid` is: hierarchy ("" for v2, else its controllers as
     listed, e.g. "memory" or "cpu,cpuacct") -> path in it (cgroups(7))."""
     out = {}
-    for line in _read(Path(f"/proc/{pid}/cgroup")).splitlines():
+    for line in _read(f"/proc/{pid}/cgroup").splitlines():
         _, controllers, path = line.split(":", 2)
         out[controllers] = path
     return out
 
 
-def _rmdir_retrying(path: Path, timeout: float = 2.0) -> None:
+def _rmdir_retrying(path: str, timeout: float = 2.0) -> None:
     # rmdir returns EBUSY while a just-killed task is still leaving the cgroup.
     deadline = time.monotonic() + timeout
     while True:
@@ -448,9 +506,9 @@ def _rmdir_retrying(path: Path, timeout: float = 2.0) -> None:
             time.sleep(0.01)
 
 
-def _enable_subtree(path: Path, ctrls: list[str]) -> None:
-    current = set(_read(path / "cgroup.subtree_control").split())
+def _enable_subtree(path: str, ctrls: list[str]) -> None:
+    current = set(_read(os.path.join(path, "cgroup.subtree_control")).split())
     missing = [c for c in ctrls if c not in current]
     if missing:
-        _write(path / "cgroup.subtree_control", " ".join("+" + c for c in missing),
+        _write(os.path.join(path, "cgroup.subtree_control"), " ".join("+" + c for c in missing),
                ",".join(missing))

@@ -6,9 +6,6 @@ The domain then holds for the process and everything it executes or forks.
 """
 from __future__ import annotations
 
-import ctypes
-import errno
-import os
 from dataclasses import dataclass
 
 from agent.compile.landlock import (
@@ -18,48 +15,12 @@ from agent.compile.landlock import (
     LandlockArtifact,
     downgrade,
 )
-from agent.enforce.libc import syscall
-
-# include/uapi/linux/landlock.h
-CREATE_RULESET_VERSION = 1 << 0
-RULE_PATH_BENEATH = 1
-RULE_NET_PORT = 2
-# Audit flags of landlock_restrict_self(2), ABI 7. By default the kernel logs
-# a domain's denials only until the process that created it calls execve(2)
-# (security/landlock/audit.c checks cred->domain_exec); LOG_NEW_EXEC_ON keeps
-# logging in the programs executed afterwards, which is the skill itself.
-RESTRICT_SELF_LOG_SAME_EXEC_OFF = 1 << 0
-RESTRICT_SELF_LOG_NEW_EXEC_ON = 1 << 1
-RESTRICT_SELF_LOG_SUBDOMAINS_OFF = 1 << 2
-AUDIT_FLAGS_ABI = 7
-
-
-class LandlockError(RuntimeError):
-    """Landlock could not be applied as compiled; the process must not run."""
-
-
-class _RulesetAttr(ctypes.Structure):
-    _fields_ = [
-        ("handled_access_fs", ctypes.c_uint64),
-        ("handled_access_net", ctypes.c_uint64),
-        ("scoped", ctypes.c_uint64),
-    ]
-
-
-class _PathBeneathAttr(ctypes.Structure):
-    _pack_ = 1  # __attribute__((packed)) in the uapi header: 12 bytes
-    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
-
-
-class _NetPortAttr(ctypes.Structure):
-    _fields_ = [("allowed_access", ctypes.c_uint64), ("port", ctypes.c_uint64)]
-
-
-# Size of struct landlock_ruleset_attr that each ABI knows: the kernel
-# rejects non-zero bytes past what it knows (E2BIG), so pass only what the
-# ABI has (handled_access_net came with ABI 4, scoped with ABI 6).
-def _ruleset_attr_size(abi: int) -> int:
-    return 24 if abi >= 6 else 16 if abi >= 4 else 8
+from agent.enforce.landlock_sys import (  # noqa: F401  (re-exported)
+    LandlockError,
+    LandlockUnsupported,
+    probe_abi,
+    restrict,
+)
 
 
 @dataclass(frozen=True)
@@ -83,25 +44,6 @@ class AppliedReport:
     notes: tuple[str, ...]  # the compiler's notes, carried through
 
 
-class LandlockUnsupported(LandlockError):
-    def __init__(self, err: int, reason: str):
-        super().__init__(f"landlock: unsupported: {reason}")
-        self.errno = err
-
-
-def probe_abi() -> int:
-    """The running Landlock ABI; raises LandlockUnsupported (with .errno) when absent."""
-    try:
-        return syscall("landlock_create_ruleset", ctypes.c_void_p(None), ctypes.c_size_t(0),
-                       ctypes.c_uint32(CREATE_RULESET_VERSION))
-    except OSError as exc:
-        # ENOSYS: kernel built without Landlock; EOPNOTSUPP: built in but
-        # disabled at boot (lsm= without landlock).
-        reasons = {errno.ENOSYS: "kernel has no Landlock (ENOSYS)",
-                   errno.EOPNOTSUPP: "Landlock disabled at boot (EOPNOTSUPP; check lsm=)"}
-        raise LandlockUnsupported(exc.errno, reasons.get(exc.errno, str(exc))) from None
-
-
 def abi_version() -> int:
     """The running kernel's Landlock ABI, or 0 when Landlock is unavailable."""
     try:
@@ -117,11 +59,25 @@ def _bits(names, table) -> int:
     return value
 
 
-def _resolved(fd: int) -> str:
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        return "?"
+def fitted(artifact: LandlockArtifact, abi: int) -> tuple[dict, list[str]]:
+    """`artifact` fitted to a kernel offering `abi`, in the numbers that
+    `landlock_sys.restrict` hands to the kernel; and every downgrade made."""
+    fit, dropped = downgrade(artifact, abi)
+    names: dict[int, list[str]] = {}
+    rules = []
+    for rule in fit.path_rules:
+        bits = _bits(rule.access, FS_BITS)
+        names[bits] = list(rule.access)
+        rules.append((rule.path, bits, rule.origin))
+    return {
+        "abi": abi,
+        "fs": _bits(fit.handled_fs, FS_BITS),
+        "net": _bits(fit.handled_net, NET_BITS),
+        "scoped": _bits(fit.scopes, SCOPE_BITS),
+        "rules": rules,
+        "ports": list(fit.connect_ports) if "connect_tcp" in fit.handled_net else [],
+        "names": names,
+    }, dropped
 
 
 def apply(artifact: LandlockArtifact, *, log_new_exec: bool = True) -> AppliedReport:
@@ -131,72 +87,18 @@ def apply(artifact: LandlockArtifact, *, log_new_exec: bool = True) -> AppliedRe
     created, so the caller must not exec the skill.
     """
     abi = probe_abi()
-    fitted, dropped = downgrade(artifact, abi)
-    attr = _RulesetAttr(
-        _bits(fitted.handled_fs, FS_BITS),
-        _bits(fitted.handled_net, NET_BITS),
-        _bits(fitted.scopes, SCOPE_BITS),
-    )
-    try:
-        ruleset_fd = syscall("landlock_create_ruleset", ctypes.byref(attr),
-                             ctypes.c_size_t(_ruleset_attr_size(abi)), ctypes.c_uint32(0))
-    except OSError as exc:
-        raise LandlockError(f"landlock: create_ruleset (ABI {abi}): {exc.strerror}") from None
-    try:
-        applied = tuple(_add_path_rule(ruleset_fd, rule) for rule in fitted.path_rules)
-        if "connect_tcp" in fitted.handled_net:
-            for port in fitted.connect_ports:
-                _add_port_rule(ruleset_fd, port)
-        flags, flag_names = 0, []
-        if log_new_exec and abi >= AUDIT_FLAGS_ABI:
-            flags |= RESTRICT_SELF_LOG_NEW_EXEC_ON
-            flag_names.append("log_new_exec_on")
-        try:
-            syscall("landlock_restrict_self", ctypes.c_int(ruleset_fd), ctypes.c_uint32(flags))
-        except OSError as exc:
-            hint = " (set no_new_privs first)" if exc.errno == errno.EPERM else ""
-            raise LandlockError(f"landlock: restrict_self: {exc.strerror}{hint}") from None
-    finally:
-        os.close(ruleset_fd)
+    fit, dropped = downgrade(artifact, abi)
+    numbers, _ = fitted(artifact, abi)
+    applied, flag_names = restrict(numbers, log_new_exec=log_new_exec)
     return AppliedReport(
         abi=abi,
-        handled_fs=fitted.handled_fs,
-        handled_net=fitted.handled_net,
-        connect_ports=fitted.connect_ports if "connect_tcp" in fitted.handled_net else (),
-        scopes=fitted.scopes,
-        rules=applied,
+        handled_fs=fit.handled_fs,
+        handled_net=fit.handled_net,
+        connect_ports=fit.connect_ports if "connect_tcp" in fit.handled_net else (),
+        scopes=fit.scopes,
+        rules=tuple(AppliedRule(path, resolved, rule.access, origin)
+                    for (path, resolved, _bits_, origin), rule in zip(applied, fit.path_rules)),
         restrict_flags=tuple(flag_names),
         dropped=tuple(dropped),
-        notes=fitted.notes,
+        notes=fit.notes,
     )
-
-
-def _add_path_rule(ruleset_fd: int, rule) -> AppliedRule:
-    try:
-        fd = os.open(rule.path, os.O_PATH | os.O_CLOEXEC)
-    except OSError as exc:
-        raise LandlockError(
-            f"landlock: rule {rule.path} ({rule.origin}): cannot open: {exc.strerror}") from None
-    try:
-        attr = _PathBeneathAttr(_bits(rule.access, FS_BITS), fd)
-        try:
-            syscall("landlock_add_rule", ctypes.c_int(ruleset_fd), ctypes.c_int(RULE_PATH_BENEATH),
-                    ctypes.byref(attr), ctypes.c_uint32(0))
-        except OSError as exc:
-            # EINVAL here is a directory-only right on a file, or a right the
-            # ruleset does not handle (landlock_add_rule(2)).
-            raise LandlockError(
-                f"landlock: rule {rule.path} ({rule.origin}) {list(rule.access)}: "
-                f"add_rule: {errno.errorcode.get(exc.errno, exc.errno)} {exc.strerror}") from None
-        return AppliedRule(rule.path, _resolved(fd), rule.access, rule.origin)
-    finally:
-        os.close(fd)
-
-
-def _add_port_rule(ruleset_fd: int, port: int) -> None:
-    attr = _NetPortAttr(NET_BITS["connect_tcp"], port)
-    try:
-        syscall("landlock_add_rule", ctypes.c_int(ruleset_fd), ctypes.c_int(RULE_NET_PORT),
-                ctypes.byref(attr), ctypes.c_uint32(0))
-    except OSError as exc:
-        raise LandlockError(f"landlock: rule connect_tcp port {port}: add_rule: {exc.strerror}") from None

@@ -11,6 +11,10 @@ import os
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
+# The same function called with the GIL held (ctypes.PyDLL): for clone3, whose
+# child must find the interpreter exactly as fork() leaves it.
+_raw_syscall = ctypes.PyDLL(None, use_errno=True).syscall
+_raw_syscall.restype = ctypes.c_long
 
 # arch/x86/entry/syscalls/syscall_64.tbl
 NR = {
@@ -35,6 +39,7 @@ NR = {
     "mount_setattr": 442,
     "openat2": 437,
     "execveat": 322,
+    "clone3": 435,
 }
 
 
@@ -75,6 +80,50 @@ CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
+
+
+CLONE_INTO_CGROUP = 0x200000000
+SIGCHLD = 17
+
+# struct clone_args (include/uapi/linux/sched.h, CLONE_ARGS_SIZE_VER2 = 88):
+# flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls,
+# set_tid, set_tid_size, cgroup; all __aligned_u64.
+_CloneArgs = ctypes.c_uint64 * 11
+
+
+def fork_into(flags: int, cgroup_fd: int | None) -> int:
+    """fork(2) through clone3(2): `flags` (CLONE_NEW*) and, with `cgroup_fd`,
+    CLONE_INTO_CGROUP so the child starts in that v2 cgroup. Returns the
+    child's pid in the parent and 0 in the child, like os.fork().
+
+    CLONE_INTO_CGROUP places the child while fork holds only the read side
+    of cgroup_threadgroup_rwsem; moving a process afterwards through
+    cgroup.procs takes the write side, which waits for an RCU grace period
+    (10-15 ms here) unless cgroup2 is mounted with favordynmods
+    (kernel/cgroup/cgroup.c: cgroup_css_set_fork, cgroup_procs_write_start).
+
+    The interpreter's fork bookkeeping runs as for os.fork()
+    (PyOS_BeforeFork/AfterFork_*: import lock, threading, at-fork hooks), but
+    glibc's does not: in the child, glibc's cached thread id is still the
+    parent's, so the child must not use raise(3), abort(3) or pthread_kill(3).
+    Call only from a single-threaded process.
+    """
+    args = _CloneArgs()
+    args[0] = flags | (CLONE_INTO_CGROUP if cgroup_fd is not None else 0)
+    args[4] = SIGCHLD
+    if cgroup_fd is not None:
+        args[10] = cgroup_fd
+    api = ctypes.pythonapi  # these keep the GIL held, as fork() must
+    api.PyOS_BeforeFork()
+    pid = _raw_syscall(NR["clone3"], ctypes.byref(args), ctypes.c_size_t(ctypes.sizeof(args)))
+    if pid == 0:
+        api.PyOS_AfterFork_Child()
+        return 0
+    err = ctypes.get_errno() if pid < 0 else 0
+    api.PyOS_AfterFork_Parent()
+    if pid < 0:
+        raise OSError(err, f"clone3: {os.strerror(err)}")
+    return pid
 
 
 AT_EMPTY_PATH = 0x1000

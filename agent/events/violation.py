@@ -7,44 +7,89 @@ layer produced it.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from typing import IO, Optional
+
+# Not `json` or `dataclasses`: a launch that reports an event (a refused
+# environment variable, say) must not pay their imports (bench/launch).
+from _json import encode_basestring_ascii as _json_string
 
 LAYERS = ("seccomp", "landlock", "cgroup", "timeout", "env", "network", "launch", "invoke",
           "exec", "fs")
 DECISIONS = ("denied", "killed", "audited")
 
 
-@dataclass(frozen=True)
-class Violation:
-    skill: str
-    pid: Optional[int]  # in the supervisor's PID namespace; None when no process applies
-    layer: str  # one of LAYERS
-    operation: str  # "socket(AF_INET)", "ptrace", "fork (pids.max)", "/etc/shadow", ...
-    decision: str  # one of DECISIONS
-    rule: str  # the manifest rule, or the absence of one, that decided it
-    time: float = field(default_factory=time.time)  # seconds since the epoch, UTC
-    detail: str = ""
+FIELDS = ("skill", "pid", "layer", "operation", "decision", "rule", "time", "detail")
 
-    def __post_init__(self):
-        if self.layer not in LAYERS:
-            raise ValueError(f"violation: unknown layer {self.layer!r} (one of {LAYERS})")
-        if self.decision not in DECISIONS:
-            raise ValueError(f"violation: unknown decision {self.decision!r} (one of {DECISIONS})")
+
+class Violation:
+    """One refusal: skill; pid (in the supervisor's PID namespace; None when
+    no process applies); layer (one of LAYERS); operation ("socket(AF_INET)",
+    "ptrace", "/etc/shadow", ...); decision (one of DECISIONS); rule (the
+    manifest rule, or the absence of one, that decided it); time (seconds
+    since the epoch, UTC; default now); detail (optional). Immutable."""
+
+    __slots__ = FIELDS
+
+    def __init__(self, skill: str, pid, layer: str, operation: str, decision: str, rule: str,
+                 time: float | None = None, detail: str = ""):
+        if layer not in LAYERS:
+            raise ValueError(f"violation: unknown layer {layer!r} (one of {LAYERS})")
+        if decision not in DECISIONS:
+            raise ValueError(f"violation: unknown decision {decision!r} (one of {DECISIONS})")
+        values = (skill, pid, layer, operation, decision, rule,
+                  _now() if time is None else time, detail)
+        for name, value in zip(FIELDS, values):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"Violation is immutable: cannot set {name}")
+
+    def _values(self) -> tuple:
+        return tuple(getattr(self, name) for name in FIELDS)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Violation) and self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        return "Violation(" + ", ".join(f"{n}={v!r}" for n, v in zip(FIELDS, self._values())) + ")"
+
+    def fields(self) -> dict:
+        """The raw fields (time as a float): Violation(**v.fields()) == v."""
+        return dict(zip(FIELDS, self._values()))
 
     def to_dict(self) -> dict:
-        record = asdict(self)
+        record = self.fields()
         record["time"] = _iso8601(self.time)
         if not self.detail:
             del record["detail"]
         return record
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """Compact JSON with sorted keys, as json.dumps(..., sort_keys=True,
+        separators=(",", ":")) writes it."""
+        return "{" + ",".join(f"{_json_string(k)}:{_json_value(v)}"
+                              for k, v in sorted(self.to_dict().items())) + "}"
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _json_value(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return int.__repr__(value)
+    if isinstance(value, float):
+        return float.__repr__(value)
+    return _json_string(str(value))
 
 
 def _iso8601(seconds: float) -> str:
@@ -62,10 +107,10 @@ class JsonLinesSink:
     same file never interleave within a line.
     """
 
-    def __init__(self, stream: IO[str] | None = None, *, path: str | None = None):
+    def __init__(self, stream=None, *, path: str | None = None):
         if (stream is None) == (path is None):
             raise ValueError("JsonLinesSink: give exactly one of stream or path")
-        self._fd: Optional[int] = None
+        self._fd: int | None = None
         self._stream = stream
         if path is not None:
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -92,6 +137,8 @@ class JsonLinesSink:
 
 def read_json_lines(text: str) -> list[dict]:
     """Parse a JSON-lines log; blank lines and non-JSON lines are skipped."""
+    import json
+
     records = []
     for line in text.splitlines():
         line = line.strip()

@@ -20,15 +20,13 @@ and when the skill ends reports its raw wait status and exits with its code
 """
 from __future__ import annotations
 
+import _signal  # not `signal`/`socket`/`json`: their imports cost milliseconds per launch
+import _socket
 import ctypes
-import json
+import marshal
 import os
 import resource
-import signal
-import socket
 import struct
-from dataclasses import dataclass
-from typing import Optional
 
 from agent.enforce.libc import (CLONE_NEWCGROUP, CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS,
                                 CLONE_NEWUTS, PR_SET_NO_NEW_PRIVS, PR_SET_PDEATHSIG, prctl,
@@ -40,8 +38,9 @@ PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 
-FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
-                     signal.SIGUSR1, signal.SIGUSR2)
+SIGKILL = 9
+FORWARDED_SIGNALS = (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP, _signal.SIGQUIT,
+                     _signal.SIGUSR1, _signal.SIGUSR2)
 SETUP_FAILED = 125
 EXEC_FAILED = 127
 STATUS = struct.Struct("=i")
@@ -53,24 +52,13 @@ class StepError(Exception):
         self.layer = layer
 
 
-@dataclass(frozen=True)
-class ChildPlan:
-    """Everything the child needs, computed by the supervisor before fork."""
-
-    executable: str
-    argv: tuple[str, ...]
-    env: dict
-    cwd: str
-    uid: int
-    gid: int
-    hostname: str
-    cgroup: object  # SkillCgroup
-    mounts: object  # mounts.MountPlan
-    rlimits: tuple  # compile.rlimits.Rlimit
-    landlock: Optional[object]  # LandlockArtifact, None when skipped (--audit)
-    seccomp_bpf: bytes
-    exec_fd: Optional[int] = None  # a pinned entrypoint: executed by fd (execveat), not by path
-    wait_for_network: bool = False  # the supervisor sets up a veth + nftables in our netns
+# The child's plan is a dict the supervisor fills before it forks:
+#   executable, argv, env, cwd, uid, gid, hostname;
+#   cgroup: the SkillCgroup; in_v2: True when clone3 already placed us in its v2 directory;
+#   mounts: the mount plan (agent/launch/mounts.py); rlimits: [(RLIMIT_*, soft, hard)];
+#   landlock: agent.enforce.landlock.fitted() numbers, None when skipped (--audit);
+#   seccomp_bpf: the filter; exec_fd: a pinned entrypoint executed by fd (execveat), or None;
+#   wait_for_network: the supervisor sets up a veth + nftables in our netns.
 
 
 def _step(layer: str, fn, *args):
@@ -84,7 +72,7 @@ def _step(layer: str, fn, *args):
 
 def _report(fd: int, layer: str, reason: str) -> None:
     try:
-        os.write(fd, json.dumps({"layer": layer, "error": reason}).encode())
+        os.write(fd, marshal.dumps((layer, reason)))
     except OSError:
         pass
 
@@ -98,20 +86,23 @@ def _loopback_up() -> None:
     # A new network namespace has only `lo`, and it is down (network_namespaces(7)).
     import fcntl
 
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    sock = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
+    try:
         request = struct.pack("16sH14x", b"lo", 0)
-        flags = struct.unpack("16sH14x", fcntl.ioctl(sock, SIOCGIFFLAGS, request))[1]
-        fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+        flags = struct.unpack("16sH14x", fcntl.ioctl(sock.fileno(), SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(sock.fileno(), SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+    finally:
+        sock.close()
 
 
-def _wait_for_network(sock: socket.socket) -> None:
+def _wait_for_network(sock) -> None:
     # The supervisor answers b"go" once veth, routes, nftables table and DNS
     # stub are in place; if it fails it kills us instead.
     if sock.recv(16) != b"go":
         raise RuntimeError("the supervisor did not finish the network namespace set-up")
 
 
-def _rearm_parent_death(sock: socket.socket) -> None:
+def _rearm_parent_death(sock) -> None:
     # Changing uid/gid clears the parent-death signal (commit_creds(),
     # kernel/cred.c), so set it again: without it a SIGKILLed supervisor would
     # leave the skill (and its network namespace) running. getppid() is 0 for
@@ -119,7 +110,7 @@ def _rearm_parent_death(sock: socket.socket) -> None:
     # whether it died before this call.
     import select
 
-    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    prctl(PR_SET_PDEATHSIG, SIGKILL)
     poller = select.poll()
     poller.register(sock, select.POLLIN | select.POLLHUP)
     for _fd, mask in poller.poll(0):
@@ -128,8 +119,8 @@ def _rearm_parent_death(sock: socket.socket) -> None:
 
 
 def _set_rlimits(rlimits) -> None:
-    for limit in rlimits:
-        resource.setrlimit(getattr(resource, limit.name), (limit.soft, limit.hard))
+    for number, soft, hard in rlimits:
+        resource.setrlimit(number, (soft, hard))
 
 
 def _drop_identity(uid: int, gid: int) -> None:
@@ -155,11 +146,14 @@ def _drop_identity(uid: int, gid: int) -> None:
         raise RuntimeError("ids did not change as asked")
 
 
-def _landlock(artifact) -> list[str]:
-    from agent.enforce.landlock import apply
+def _landlock(fitted: dict) -> None:
+    from agent.enforce.landlock_sys import probe_abi, restrict
 
-    report = apply(artifact)
-    return list(report.dropped)
+    if probe_abi() != fitted["abi"]:
+        # The plan was fitted to another ABI (a stored plan after a kernel
+        # change): the supervisor checks this before forking; never guess here.
+        raise RuntimeError(f"Landlock ABI is {probe_abi()}, the plan was made for {fitted['abi']}")
+    restrict(fitted)
 
 
 def _seccomp(bpf: bytes) -> int:
@@ -168,7 +162,11 @@ def _seccomp(bpf: bytes) -> int:
     return install_filter(bpf, listener=True)
 
 
-def run(plan: ChildPlan, err_fd: int, sock: socket.socket) -> None:
+def _send_fd(sock, message: bytes, fd: int) -> None:
+    sock.sendmsg([message], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack("i", fd))])
+
+
+def run(plan: dict, err_fd: int, sock) -> None:
     """Confine this process, start the skill, act as its init. Never returns."""
     code = SETUP_FAILED
     try:
@@ -180,36 +178,45 @@ def run(plan: ChildPlan, err_fd: int, sock: socket.socket) -> None:
     os._exit(code)
 
 
-def _confine_and_start(plan: ChildPlan, err_fd: int, sock: socket.socket) -> int:
-    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+def _join_cgroup(plan: dict) -> None:
+    cgroup = plan["cgroup"]
+    if plan["in_v2"]:
+        cgroup.join_v1_self()
+    else:
+        cgroup.add(0)  # "0": the writing process itself
+
+
+def _confine_and_start(plan: dict, err_fd: int, sock) -> int:
+    prctl(PR_SET_PDEATHSIG, SIGKILL)
     # Import now: once Landlock holds, the agent's own files are unreadable.
     import fcntl  # noqa: F401
-    import agent.enforce.landlock  # noqa: F401
+    import select  # noqa: F401
+    import agent.enforce.landlock_sys  # noqa: F401
     import agent.enforce.seccomp_load  # noqa: F401
-    _step("cgroup", plan.cgroup.add, 0)  # "0": the writing process itself
-    _step("namespaces", _unshare)
-    if plan.wait_for_network:
-        _step("network", sock.send, b"netns")  # the supervisor may now enter our netns
-    os.setsid()  # no controlling terminal: nothing to TIOCSTI into
     from agent.launch import mounts
 
-    _step("mount", mounts.setup, plan.mounts)
-    mounts.close_userns_fds(plan.mounts.binds)
-    if plan.wait_for_network:
+    _step("cgroup", _join_cgroup, plan)
+    _step("namespaces", _unshare)
+    if plan["wait_for_network"]:
+        _step("network", sock.send, b"netns")  # the supervisor may now enter our netns
+    os.setsid()  # no controlling terminal: nothing to TIOCSTI into
+    _step("mount", mounts.setup, plan["mounts"])
+    mounts.close_userns_fds(plan["mounts"]["binds"])
+    if plan["wait_for_network"]:
         _step("network", _wait_for_network, sock)
     _step("network", _loopback_up)
-    _step("uts", socket.sethostname, plan.hostname)
-    _step("rlimits", _set_rlimits, plan.rlimits)
-    _step("identity", _drop_identity, plan.uid, plan.gid)
+    _step("uts", _socket.sethostname, plan["hostname"])
+    _step("rlimits", _set_rlimits, plan["rlimits"])
+    _step("identity", _drop_identity, plan["uid"], plan["gid"])
     _step("identity", _rearm_parent_death, sock)
-    _step("cwd", os.chdir, plan.cwd)
+    _step("cwd", os.chdir, plan["cwd"])
     _step("no_new_privs", prctl, PR_SET_NO_NEW_PRIVS, 1)
     prctl(PR_SET_DUMPABLE, 0)  # /proc/1/* stays closed to the skill
-    dropped = _step("landlock", _landlock, plan.landlock) if plan.landlock is not None else []
+    if plan["landlock"] is not None:
+        _step("landlock", _landlock, plan["landlock"])
     _install_forwarders()
-    listener = _step("seccomp", _seccomp, plan.seccomp_bpf)
-    message = json.dumps({"landlock_dropped": dropped}).encode()
-    _step("seccomp", socket.send_fds, sock, [message], [listener])
+    listener = _step("seccomp", _seccomp, plan["seccomp_bpf"])
+    _step("seccomp", _send_fd, sock, b"listener", listener)
     os.close(listener)
 
     pid = os.fork()
@@ -233,27 +240,27 @@ def _forward(signum, _frame) -> None:
 
 def _install_forwarders() -> None:
     for signum in FORWARDED_SIGNALS:
-        signal.signal(signum, _forward)
+        _signal.signal(signum, _forward)
 
 
-def _exec(plan: ChildPlan, err_fd: int, sock: socket.socket) -> None:
+def _exec(plan: dict, err_fd: int, sock) -> None:
     try:
         sock.close()
         for signum in FORWARDED_SIGNALS:
-            signal.signal(signum, signal.SIG_DFL)
-        if plan.exec_fd is not None:
+            _signal.signal(signum, _signal.SIG_DFL)
+        if plan["exec_fd"] is not None:
             from agent.enforce.libc import execveat_fd
 
-            execveat_fd(plan.exec_fd, plan.argv, plan.env)
-        os.execve(plan.executable, list(plan.argv), plan.env)
+            execveat_fd(plan["exec_fd"], plan["argv"], plan["env"])
+        os.execve(plan["executable"], list(plan["argv"]), plan["env"])
     except OSError as exc:
-        _report(err_fd, "exec", f"{plan.executable}: {exc.strerror}")
+        _report(err_fd, "exec", f"{plan['executable']}: {exc.strerror}")
     except BaseException as exc:  # noqa: BLE001
         _report(err_fd, "exec", f"{type(exc).__name__}: {exc}")
     os._exit(EXEC_FAILED)
 
 
-def _init_loop(main_pid: int, sock: socket.socket) -> int:
+def _init_loop(main_pid: int, sock) -> int:
     # Keep no copy of the caller's terminal or pipes: the skill's reader
     # should see EOF when the skill closes them.
     try:

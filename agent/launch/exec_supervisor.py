@@ -186,15 +186,6 @@ def open_binary(pid: int, call: ExecCall, cwd: str) -> int:
         os.close(root)
 
 
-def _parent_pid(pid: int) -> Optional[int]:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            text = fh.read()
-        return int(text.rsplit(b")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def _describe_fd(fd: int) -> str:
     try:
         return os.readlink(f"/proc/self/fd/{fd}")
@@ -211,18 +202,13 @@ class ExecSupervisor:
         self.init_pid = init_pid
         self.audit = audit
         self.emit = emit  # emit(pid=, operation=, decision=, rule=, detail=)
-        self.entry_done = False
 
     def handle(self, listener: int, request) -> None:
+        """Answer one exec by the skill. The launcher's own exec of the
+        entrypoint never gets here: the supervisor answers it (supervisor.py
+        `_on_exec`)."""
         from agent.launch import notify
 
-        if not self.entry_done and _parent_pid(request.pid) == self.init_pid:
-            # The init's child exec'ing the entrypoint (child.py `_exec`, by path or
-            # execveat(fd, "", AT_EMPTY_PATH)): the launcher's exec, not the skill's.
-            self.entry_done = True
-            if notify.id_valid(listener, request.id):
-                notify.respond(listener, request.id, resume=True)
-            return
         execveat = request.nr == NR["execveat"]  # the filter is x86_64-only
         operation, cwd, program = "exec", "?", "?"
         fd = None

@@ -28,10 +28,15 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from dataclasses import dataclass
-from typing import Optional
 
 from agent.enforce.libc import CLONE_NEWUSER, syscall
+
+# A bind is a tuple (path, writable, origin, userns_fd): path absolute,
+# mounted over itself (or re-created under the private /tmp); origin like
+# "manifest:/data:rw" or "state-dir"; userns_fd the idmapping owner -> skill,
+# or None. The mount plan is a dict: binds, uid, gid, tmp_size (bytes; None:
+# tmpfs default, half of RAM), resolv_conf (a file bound read-only over
+# /etc/resolv.conf, agent/launch/netns.py, or None).
 
 AT_FDCWD = -100
 AT_EMPTY_PATH = 0x1000
@@ -60,23 +65,6 @@ class _MountAttr(ctypes.Structure):
                 ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
 
 
-@dataclass(frozen=True)
-class Bind:
-    path: str  # absolute; mounted over itself (or re-created under the private /tmp)
-    writable: bool
-    origin: str  # "manifest:/data:rw", "state-dir"
-    userns_fd: Optional[int] = None  # idmapping owner -> skill, or None
-
-
-@dataclass(frozen=True)
-class MountPlan:
-    binds: tuple[Bind, ...]
-    uid: int
-    gid: int
-    tmp_size: Optional[int]  # bytes; None: tmpfs default (half of RAM)
-    resolv_conf: Optional[str] = None  # a file bound read-only over /etc/resolv.conf (netns.py)
-
-
 def _c(path: str) -> ctypes.c_char_p:
     return ctypes.c_char_p(os.fsencode(path))
 
@@ -88,7 +76,7 @@ def _mount(source, target, fstype, flags, data=None) -> None:
 
 
 def _setattr(dirfd: int, path: str, flags: int, attr_set: int, attr_clr: int = 0,
-             userns_fd: Optional[int] = None) -> None:
+             userns_fd: int | None = None) -> None:
     attr = _MountAttr(attr_set, attr_clr, 0, userns_fd if userns_fd is not None else 0)
     syscall("mount_setattr", ctypes.c_int(dirfd), _c(path), ctypes.c_uint(flags),
             ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
@@ -98,23 +86,24 @@ def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def _clone(bind: Bind) -> int:
+def _clone(bind: tuple) -> int:
+    path, writable, origin, userns_fd = bind
     try:
-        fd = syscall("open_tree", ctypes.c_int(AT_FDCWD), _c(bind.path),
+        fd = syscall("open_tree", ctypes.c_int(AT_FDCWD), _c(path),
                      ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE))
     except OSError as exc:
-        raise MountError(f"{bind.origin}: cannot clone {bind.path}: {os.strerror(exc.errno)}") from None
-    attr_set = MOUNT_ATTR_NOSUID | (0 if bind.writable else MOUNT_ATTR_RDONLY)
-    attr_clr = MOUNT_ATTR_RDONLY if bind.writable else 0
-    if bind.userns_fd is not None:
+        raise MountError(f"{origin}: cannot clone {path}: {os.strerror(exc.errno)}") from None
+    attr_set = MOUNT_ATTR_NOSUID | (0 if writable else MOUNT_ATTR_RDONLY)
+    attr_clr = MOUNT_ATTR_RDONLY if writable else 0
+    if userns_fd is not None:
         attr_set |= MOUNT_ATTR_IDMAP
     try:
-        _setattr(fd, "", AT_EMPTY_PATH | AT_RECURSIVE, attr_set, attr_clr, bind.userns_fd)
+        _setattr(fd, "", AT_EMPTY_PATH | AT_RECURSIVE, attr_set, attr_clr, userns_fd)
     except OSError as exc:
         os.close(fd)
         hint = " (filesystem does not support idmapped mounts)" \
-            if bind.userns_fd is not None and exc.errno == errno.EINVAL else ""
-        raise MountError(f"{bind.origin}: mount_setattr on {bind.path}: "
+            if userns_fd is not None and exc.errno == errno.EINVAL else ""
+        raise MountError(f"{origin}: mount_setattr on {path}: "
                          f"{os.strerror(exc.errno)}{hint}") from None
     return fd
 
@@ -128,7 +117,7 @@ def _make_mountpoint(path: str, is_dir: bool) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
 
 
-def setup(plan: MountPlan) -> None:
+def setup(plan: dict) -> None:
     """Build the skill's view of the filesystem. Call in the child, as root,
     after unshare(CLONE_NEWNS) and inside the new PID namespace."""
     try:
@@ -136,17 +125,17 @@ def setup(plan: MountPlan) -> None:
     except OSError as exc:
         raise MountError(f"making / private: {os.strerror(exc.errno)}") from None
     # Outer paths first so an inner grant lands on top of an outer one.
-    ordered = sorted(plan.binds, key=lambda b: (b.path.count("/"), b.path))
-    clones = [(bind, os.path.isdir(bind.path), _clone(bind)) for bind in ordered]
-    if plan.resolv_conf:
-        clones.append(_resolv_conf_clone(plan.resolv_conf))
+    ordered = sorted(plan["binds"], key=lambda b: (b[0].count("/"), b[0]))
+    clones = [(bind, os.path.isdir(bind[0]), _clone(bind)) for bind in ordered]
+    if plan["resolv_conf"]:
+        clones.append(_resolv_conf_clone(plan["resolv_conf"]))
     try:
         _setattr(AT_FDCWD, "/", AT_RECURSIVE, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID)
     except OSError as exc:
         raise MountError(f"read-only root: mount_setattr: {os.strerror(exc.errno)}") from None
-    tmp_options = f"mode=0700,uid={plan.uid},gid={plan.gid}"
-    if plan.tmp_size:
-        tmp_options += f",size={plan.tmp_size}"
+    tmp_options = f"mode=0700,uid={plan['uid']},gid={plan['gid']}"
+    if plan["tmp_size"]:
+        tmp_options += f",size={plan['tmp_size']}"
     try:
         _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, tmp_options)
     except OSError as exc:
@@ -155,30 +144,29 @@ def setup(plan: MountPlan) -> None:
         _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     except OSError as exc:
         raise MountError(f"/proc: mount procfs: {os.strerror(exc.errno)}") from None
-    for bind, is_dir, fd in clones:
+    for (path, _writable, origin, _userns), is_dir, fd in clones:
         try:
-            if _under(bind.path, "/tmp"):
-                _make_mountpoint(bind.path, is_dir)
+            if _under(path, "/tmp"):
+                _make_mountpoint(path, is_dir)
             syscall("move_mount", ctypes.c_int(fd), _c(""), ctypes.c_int(AT_FDCWD),
-                    _c(bind.path), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH))
+                    _c(path), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH))
         except OSError as exc:
-            raise MountError(f"{bind.origin}: attaching {bind.path}: "
+            raise MountError(f"{origin}: attaching {path}: "
                              f"{os.strerror(exc.errno)}") from None
         finally:
             os.close(fd)
 
 
 def _resolv_conf_clone(source: str) -> tuple:
-    """(Bind, False, fd): `source` cloned read-only, to go over the file that
+    """(bind, False, fd): `source` cloned read-only, to go over the file that
     /etc/resolv.conf names (often a symlink into /run; move_mount(2) does not
     follow a symlink in the target's last component)."""
     target = os.path.realpath("/etc/resolv.conf")
     if not os.path.isfile(target):
         raise MountError(f"resolv.conf: /etc/resolv.conf resolves to {target}, which is not a file; "
                          "the skill's resolver cannot be put in place")
-    bind = Bind(target, False, "resolv.conf")
-    fd = _clone(Bind(source, False, "resolv.conf"))
-    return bind, False, fd
+    fd = _clone((source, False, "resolv.conf", None))
+    return (target, False, "resolv.conf", None), False, fd
 
 
 def idmap_userns(owner_uid: int, owner_gid: int, uid: int, gid: int) -> int:
@@ -223,9 +211,9 @@ def idmap_userns(owner_uid: int, owner_gid: int, uid: int, gid: int) -> int:
 
 def close_userns_fds(binds) -> None:
     """Close the user-namespace fds that idmapped binds held open; idempotent."""
-    for bind in binds:
-        if bind.userns_fd is not None:
+    for _path, _writable, _origin, userns_fd in binds:
+        if userns_fd is not None:
             try:
-                os.close(bind.userns_fd)
+                os.close(userns_fd)
             except OSError:
                 pass

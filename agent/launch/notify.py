@@ -18,9 +18,8 @@ from __future__ import annotations
 import errno
 import fcntl
 import struct
-from dataclasses import dataclass
 
-from agent.compile.bpf import AUDIT_ARCH_X86_64  # noqa: F401  (callers compare notif.arch)
+AUDIT_ARCH_X86_64 = 0xC000003E  # include/uapi/linux/audit.h (agent.compile.bpf has the same)
 
 
 def _ioc(direction: int, number: int, size: int) -> int:
@@ -44,13 +43,15 @@ _RESP = struct.Struct("=QqiI")
 assert _NOTIF.size == NOTIF_SIZE and _RESP.size == RESP_SIZE
 
 
-@dataclass(frozen=True)
 class Notification:
-    id: int
-    pid: int  # in the receiver's PID namespace
-    nr: int
-    arch: int
-    args: tuple[int, ...]
+    __slots__ = ("id", "pid", "nr", "arch", "args")
+
+    def __init__(self, id: int, pid: int, nr: int, arch: int, args: tuple):
+        self.id = id
+        self.pid = pid  # in the receiver's PID namespace
+        self.nr = nr
+        self.arch = arch
+        self.args = args
 
 
 def receive(listener_fd: int) -> Notification | None:
@@ -106,8 +107,11 @@ def id_valid(listener_fd: int, notification_id: int) -> bool:
 _names: dict[int, str] = {}
 
 
-def syscall_name(nr: int, arch: int = AUDIT_ARCH_X86_64) -> str:
-    """libseccomp's name for syscall `nr` (x86_64), or "syscall_<nr>"."""
+def syscall_name(nr: int, arch: int = AUDIT_ARCH_X86_64, known: dict | None = None) -> str:
+    """libseccomp's name for syscall `nr` (x86_64), or "syscall_<nr>".
+    `known`: a {number: name} table made earlier (the launch plan's)."""
+    if known is not None and arch == AUDIT_ARCH_X86_64:
+        return known.get(nr, f"syscall_{nr}")
     if nr in _names:
         return _names[nr]
     name = f"syscall_{nr}"

@@ -17,7 +17,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from agent.enforce.cgroup import CgroupError, Limits, SkillCgroup
+from agent.compile.rlimits import Limits
+from agent.enforce.cgroup import CgroupError, SkillCgroup
 from agent.enforce.cgroupfs import cgroup_mounts
 from conftest import require
 

@@ -413,13 +413,13 @@ def test_exec_stays_denied_when_the_listener_holder_dies(tree):
     from agent.compile.exec_policy import compile_exec_rules
     from agent.enforce.seccomp_load import install_filter
     from agent.launch.exec_supervisor import ExecSupervisor
-    from agent.launch.supervisor import _seccomp_for_launch
+    from agent.launch.plan import _seccomp_for_launch
     from agent.manifest import load_text
 
     repo = f"{tree}/work/repo"
     loaded = load_text(manifest(tree, "exec-holder", git_shell(tree)).read_text(), "m.yaml")
     assert loaded.ok, loaded.errors
-    artifact, _ = _seccomp_for_launch(loaded.policy)
+    bpf = _seccomp_for_launch(loaded.policy)["bpf"]
     rules = compile_exec_rules(loaded.policy.shell, os.environ["PATH"])
 
     target_sock, test_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -430,7 +430,7 @@ def test_exec_stays_denied_when_the_listener_holder_dies(tree):
             from agent.enforce.libc import PR_SET_NO_NEW_PRIVS, prctl
 
             prctl(PR_SET_NO_NEW_PRIVS, 1)
-            listener = install_filter(artifact.bpf, listener=True)
+            listener = install_filter(bpf, listener=True)
             socket.send_fds(target_sock, [b"fd"], [listener])
             os.close(listener)
             results = []
@@ -461,7 +461,6 @@ def test_exec_stays_denied_when_the_listener_holder_dies(tree):
             events = []
             handler = ExecSupervisor(rules, init_pid=-1, audit=False,
                                      emit=lambda **f: events.append(f))
-            handler.entry_done = True
             from agent.launch import notify
 
             poller = select.poll()

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import pytest
 
+from agent.compile.rlimits import Limits
 from agent.enforce.cgroup import (
-    Limits, cpu_quota_us, parse_flat_keyed, safe_name, v1_limit_files, v2_limit_files,
+    LimitValues, cpu_quota_us, parse_flat_keyed, safe_name, v1_limit_files, v2_limit_files,
 )
 
 MiB = 1 << 20
@@ -71,3 +72,12 @@ def test_parse_flat_keyed():
     assert parse_flat_keyed(text) == {"low": 0, "high": 0, "max": 12, "oom": 1,
                                       "oom_kill": 1, "oom_group_kill": 0}
     assert parse_flat_keyed("") == {}
+
+
+def test_plain_limit_values_write_the_same_files_as_compiled_limits():
+    compiled = Limits(memory_bytes=64 * MiB, cpu=0.5, pids=32)
+    plain = LimitValues(64 * MiB, 0.5, 32)
+    for controller in ("memory", "cpu", "pids"):
+        assert v1_limit_files(plain, controller) == v1_limit_files(compiled, controller)
+        assert v2_limit_files(plain, controller) == v2_limit_files(compiled, controller)
+    assert not LimitValues(pids=3).requested("memory")

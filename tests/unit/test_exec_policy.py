@@ -386,11 +386,11 @@ def test_manifest_deny_wins_over_exec_routing():
 def test_launch_filter_routes_exec_to_the_supervisor():
     from agent.compile import bpf as B
     from agent.compile import seccomp as S
-    from agent.launch.supervisor import _seccomp_for_launch
+    from agent.launch.plan import _seccomp_for_launch
     from agent.manifest.model import Policy
 
-    art, _ = _seccomp_for_launch(Policy(name="t", version="1"))
-    sim = B.Simulator(art.bpf)
+    filter_ = _seccomp_for_launch(Policy(name="t", version="1"))
+    sim = B.Simulator(filter_["bpf"])
     assert sim(S.syscall_number("execve")) == B.SECCOMP_RET_USER_NOTIF
     assert sim(S.syscall_number("execveat")) == B.SECCOMP_RET_USER_NOTIF
 

@@ -61,3 +61,16 @@ def test_sink_needs_exactly_one_target():
 
 def test_reader_skips_noise():
     assert read_json_lines('skillguard: note: x\n{"a": 1}\n{broken\n') == [{"a": 1}]
+
+
+@pytest.mark.parametrize("operation", ["plain", 'quo"te \\ back', "tab\there\nnew", "ünïcödé ☃", "\x00\x1f"])
+def test_json_is_what_json_dumps_writes(operation):
+    violation = make(operation=operation, pid=None, detail="d")
+    assert violation.to_json() == json.dumps(violation.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
+def test_violation_is_immutable_and_round_trips_its_fields():
+    violation = make()
+    with pytest.raises(AttributeError):
+        violation.layer = "env"
+    assert Violation(**violation.fields()) == violation and hash(Violation(**violation.fields())) == hash(violation)

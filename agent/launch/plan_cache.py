@@ -1,0 +1,161 @@
+"""Stored launch plans: the next `skillguard run` of the same manifest, with
+the same command, working directory, host configuration and agent code,
+reuses the plan instead of compiling it again (agent/launch/plan.py).
+
+A stored record is used only when all of this holds, else the launch
+compiles afresh (and stores the new plan):
+- the directory `<state root>/cache` is root's and writable by no one else,
+  and the record file is root's, mode 0600 (the same rule as agent/cache.py);
+- the record's inputs equal this launch's byte for byte (the file name is
+  only a checksum of them);
+- every witness still holds: each path the compilers looked at has the
+  same stat() (mode, device, inode, size, mtime, owner);
+- the running Landlock ABI is the one the plan was fitted to.
+
+Records are marshal data (plain values only; marshal.loads builds no
+objects of other types), written atomically. $SKILLGUARD_NO_CACHE=1 turns
+storing and loading off.
+"""
+from __future__ import annotations
+
+import marshal
+import os
+import zlib
+from stat import S_ISDIR
+
+RECORD_VERSION = 1
+NO_CACHE_ENV = "SKILLGUARD_NO_CACHE"
+# Environment variables that change where or how a launch happens.
+INPUT_ENV = ("SKILLGUARD_STATE_ROOT", "SKILLGUARD_UID_RANGE", "SKILLGUARD_CONFIG",
+             "SKILLGUARD_SOCKET")
+DEFAULT_CONFIG = "/etc/skillguard/agent.yaml"
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def code_stamp() -> bytes:
+    """(path, size, mtime) of every source and profile file of the agent."""
+    entries = []
+    for top in ("agent", "policies"):
+        stack = [os.path.join(_REPO, top)]
+        while stack:
+            directory = stack.pop()
+            try:
+                scan = list(os.scandir(directory))
+            except OSError:
+                continue
+            for entry in scan:
+                if entry.is_dir(follow_symlinks=False):
+                    if entry.name != "__pycache__":
+                        stack.append(entry.path)
+                elif entry.name.endswith((".py", ".yaml", ".json", ".c")):
+                    st = entry.stat(follow_symlinks=False)
+                    entries.append((entry.path, st.st_size, st.st_mtime_ns))
+    entries.sort()
+    return marshal.dumps(entries)
+
+
+def stat_key(path: str, listed: bool = False):
+    """What a witness remembers of `path`: None when it does not exist; its
+    type, identity and owner; for a file, or a directory whose entries were
+    listed, also its size and mtime (a directory's mtime changes when an
+    entry is added, removed or renamed). A granted directory whose contents
+    change keeps its witness."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    key = (st.st_mode, st.st_dev, st.st_ino, st.st_uid, st.st_gid)
+    if listed or not S_ISDIR(st.st_mode):
+        key += (st.st_size, st.st_mtime_ns)
+    return key
+
+
+def witness_holds(witness: list) -> bool:
+    for path, key in witness:
+        if stat_key(path, len(key or ()) > 5) != key:
+            return False
+    return True
+
+
+def _config_bytes() -> bytes | None:
+    path = os.environ.get("SKILLGUARD_CONFIG") or DEFAULT_CONFIG
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError:
+        return None
+
+
+def inputs(manifest_path: str, manifest_bytes: bytes, command: list, audit: bool) -> bytes:
+    """Everything a stored plan must have been built from, as bytes."""
+    return marshal.dumps((
+        RECORD_VERSION, os.path.abspath(manifest_path), manifest_bytes, list(command),
+        os.getcwd(), bool(audit), [os.environ.get(name) for name in INPUT_ENV],
+        _config_bytes(), code_stamp(),
+    ))
+
+
+def _cache_dir(state_root: str) -> str:
+    return os.path.join(state_root, "cache")
+
+
+def _path(state_root: str, material: bytes) -> str:
+    return os.path.join(_cache_dir(state_root), f"plan-{zlib.crc32(material):08x}-{len(material)}")
+
+
+def _root_only(st, loose_bits: int) -> bool:
+    return st.st_uid == 0 and not st.st_mode & loose_bits
+
+
+def load(state_root: str, material: bytes) -> dict | None:
+    """The stored record ({"plan", "warnings", "socket"}) for these inputs, or None."""
+    if os.environ.get(NO_CACHE_ENV) == "1":
+        return None
+    try:
+        if not _root_only(os.stat(_cache_dir(state_root)), 0o022):
+            return None
+        fd = os.open(_path(state_root, material), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not _root_only(os.fstat(fd), 0o077):
+            return None
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            stored_material, record = marshal.loads(fh.read())
+    except (OSError, ValueError, EOFError, TypeError):
+        return None
+    finally:
+        os.close(fd)
+    if stored_material != material or not isinstance(record, dict):
+        return None
+    plan = record.get("plan")
+    if not isinstance(plan, dict) or not witness_holds(plan["witness"]):
+        return None
+    if plan["landlock"] is not None:
+        from agent.enforce.landlock_sys import LandlockUnsupported, probe_abi
+
+        try:
+            if probe_abi() != plan["landlock"]["abi"]:
+                return None
+        except LandlockUnsupported:
+            return None
+    return record
+
+
+def store(state_root: str, material: bytes, record: dict) -> None:
+    """Store `record` for these inputs if its plan may be stored; best effort."""
+    if os.environ.get(NO_CACHE_ENV) == "1" or not record["plan"].get("cacheable"):
+        return
+    directory = _cache_dir(state_root)
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        if not _root_only(os.stat(directory), 0o022):
+            return
+        path = _path(state_root, material)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(marshal.dumps((material, record)))
+        os.rename(tmp, path)
+    except (OSError, ValueError):
+        pass
