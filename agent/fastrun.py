@@ -128,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parsed = _parse_run(argv)
     if parsed is not None:
+        import gc
+
+        # A launch allocates little and lives as long as its skill: the
+        # collector's passes during start-up are pure cost (and forked
+        # children would touch every object's header again).
+        gc.disable()
         code = fast_run(parsed)
         if code is not None:
             return code

@@ -21,8 +21,87 @@ from typing import Optional
 from agent.daemon import supervise
 
 
+class PlanMemo:
+    """Launch plans (agent/launch/plan.py) the daemon made, reused while they
+    hold: a launch of the same manifest text with the same command, working
+    directory and options skips the compilers. A plan is reused only while
+    every witness holds (plan_cache.witness_holds); least recently used
+    plans go first beyond `size`."""
+
+    def __init__(self, size: int = 256):
+        self.size = size
+        self.plans: dict = {}
+
+    def get(self, policy, text: str, options, cwd: Optional[str]) -> Optional[dict]:
+        """The plan for this launch, made now if needed; None when it cannot be
+        made (the forked supervisor then makes it and reports why)."""
+        from agent.launch.plan_cache import witness_holds
+        from agent.launch.supervisor import LaunchError, make_plan
+
+        caller_cwd = cwd if cwd and os.path.isdir(cwd) else os.getcwd()
+        key = (text, options.argv, caller_cwd, options.cwd, bool(options.audit),
+               options.state_root, str(options.uid_range))
+        plan = self.plans.pop(key, None)
+        if plan is not None and witness_holds(plan["witness"]):
+            self.plans[key] = plan  # most recently used last
+            return plan
+        try:
+            plan = make_plan(policy, options, caller_cwd=caller_cwd)
+        except LaunchError:
+            return None
+        if plan["cacheable"]:
+            self.plans[key] = plan
+            while len(self.plans) > self.size:
+                self.plans.pop(next(iter(self.plans)))
+        return plan
+
+
+PLANS = PlanMemo()
+
+
+class UsernsFds:
+    """The idmapping user namespaces of launched skills, kept open by the
+    daemon: (owner uid, owner gid, skill uid, skill gid) -> fd. Making one
+    forks a helper (agent/launch/mounts.py idmap_userns), which from the
+    daemon's large process costs several ms; a forked supervisor inherits
+    these instead. At most `size` are kept (the oldest is closed)."""
+
+    def __init__(self, size: int = 128):
+        self.size = size
+        self.fds: dict = {}
+
+    def for_plan(self, plan: Optional[dict]) -> dict:
+        """(owner uid, owner gid) -> fd for the idmapped binds of `plan`; {}
+        when there are none or one cannot be made (the supervisor then tries
+        and reports why)."""
+        from agent.launch.mounts import MountError, idmap_userns
+
+        out = {}
+        if plan is None:
+            return out
+        for _path, _writable, _origin, owner in plan["binds"]:
+            if owner is None:
+                continue
+            key = (owner[0], owner[1], plan["uid"], plan["gid"])
+            fd = self.fds.get(key)
+            if fd is None:
+                try:
+                    fd = idmap_userns(*key)
+                except (MountError, OSError):
+                    return {}
+                self.fds[key] = fd
+                while len(self.fds) > self.size:
+                    os.close(self.fds.pop(next(iter(self.fds))))
+            out[(owner[0], owner[1])] = fd
+        return out
+
+
+USERNS = UsernsFds()
+
+
 def fork_supervisor(launch_id: str, policy, options, stdio: list, cwd: Optional[str],
-                    state_root: str) -> int:
+                    state_root: str, plan: Optional[dict] = None) -> int:
+    userns = USERNS.for_plan(plan)
     """Fork; the child supervises the skill and exits. Returns the child's pid.
 
     The daemon must have no other threads (it has none: one event loop), so
@@ -32,7 +111,7 @@ def fork_supervisor(launch_id: str, policy, options, stdio: list, cwd: Optional[
     if pid == 0:
         code = 125
         try:
-            code = supervise.supervise(launch_id, policy, options, stdio, cwd, state_root)
+            code = supervise.supervise(launch_id, policy, options, stdio, cwd, state_root, plan, userns)
         finally:
             os._exit(code)
     return pid

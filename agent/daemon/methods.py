@@ -213,7 +213,7 @@ async def launch(daemon, conn, params, fds):
         # only when both manifests agree; a refusal is recorded like `invoke`'s.
         caller_policy, caller_skill = _invoke_party(daemon, params, "invoked_by")
         _authorize_invoke(daemon, caller_policy, caller_skill, policy, None, raise_on_refusal=True)
-    from agent.daemon.launcher import fork_supervisor
+    from agent.daemon.launcher import PLANS, fork_supervisor
     from agent.daemon.registry import boot_id, process_start_time
     from agent.launch.supervisor import RunOptions
 
@@ -229,7 +229,8 @@ async def launch(daemon, conn, params, fds):
     started_at = time.monotonic()
     daemon.pipeline.flush()
     stdio_fds = list(fds) if stdio else []
-    supervisor_pid = fork_supervisor(skill.id, policy, options, stdio_fds, cwd, config.state_root)
+    plan = PLANS.get(policy, text, options, cwd)  # None: the supervisor compiles and says why not
+    supervisor_pid = fork_supervisor(skill.id, policy, options, stdio_fds, cwd, config.state_root, plan)
     if stdio:
         for fd in fds:
             os.close(fd)

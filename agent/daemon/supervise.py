@@ -141,7 +141,8 @@ def write_exit(state_root: str, launch_id: str, result: dict) -> None:
     os.rename(tmp, path)
 
 
-def supervise(launch_id: str, policy, options, stdio: list, cwd: Optional[str], state_root: str) -> int:
+def supervise(launch_id: str, policy, options, stdio: list, cwd: Optional[str], state_root: str,
+              plan: Optional[dict] = None, userns: Optional[dict] = None) -> int:
     """Body of the forked supervisor: set up the process, run the skill, report.
     Returns the exit code for os._exit (the caller never returns to the daemon)."""
     import gc
@@ -149,8 +150,10 @@ def supervise(launch_id: str, policy, options, stdio: list, cwd: Optional[str], 
     import traceback
 
     # Nothing the daemon owns may be released here: an object finalised in
-    # this fork could close an fd number that now means something else.
-    gc.collect()
+    # this fork could close an fd number that now means something else. Every
+    # object the fork inherited, garbage included, moves to the permanent
+    # generation and is never collected here. (No gc.collect() first: on the
+    # daemon's heap it took ~23 ms per launch, and would run finalisers.)
     gc.freeze()
     os.setsid()
     try:
@@ -166,7 +169,7 @@ def supervise(launch_id: str, policy, options, stdio: list, cwd: Optional[str], 
     staged = [os.dup(fd) for fd in targets]
     for number, fd in enumerate(staged):
         os.dup2(fd, number)  # inheritable: the skill gets the caller's stdio
-    keep = {0, 1, 2}
+    keep = {0, 1, 2} | set((userns or {}).values())
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         if fd not in keep:
@@ -188,7 +191,7 @@ def supervise(launch_id: str, policy, options, stdio: list, cwd: Optional[str], 
         cls = _supervisor_class()
         supervisor = cls(policy, options,
                          lambda v: link.send({"type": "violation", "violation": _violation_dict(v)}),
-                         lambda text: link.send({"type": "note", "text": text}))
+                         lambda text: link.send({"type": "note", "text": text}), plan, userns)
         supervisor.on_started = lambda pid, cgroup: link.send(
             {"type": "started", "pid": pid, **_cgroup_info(cgroup)})
         try:

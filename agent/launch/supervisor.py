@@ -81,12 +81,12 @@ class RunResult:
                 f"violations={self.violations!r}, notes={self.notes!r})")
 
 
-def make_plan(policy, options: RunOptions) -> dict:
+def make_plan(policy, options: RunOptions, caller_cwd: str | None = None) -> dict:
     """plan.build(), with its failures as LaunchError."""
     from agent.launch.plan import PlanError, build
 
     try:
-        return build(policy, options)
+        return build(policy, options, caller_cwd=caller_cwd)
     except PlanError as exc:
         raise LaunchError(exc.layer, exc.reason) from None
 
@@ -111,8 +111,12 @@ def _recv_fd(sock) -> tuple[bytes, int | None]:
 class Supervisor:
     """Runs one launch. `policy` may be None when `plan` is given (a stored plan)."""
 
-    def __init__(self, policy, options: RunOptions, emit, note, plan: dict | None = None):
+    def __init__(self, policy, options: RunOptions, emit, note, plan: dict | None = None,
+                 userns: dict | None = None):
         self.policy = policy
+        # Idmapping user namespaces made earlier (the daemon keeps them):
+        # (owner uid, owner gid) -> fd, for this plan's uid/gid; not closed here.
+        self.userns = userns or {}
         self.options = options
         self.emit_cb = emit
         self.note_cb = note
@@ -201,25 +205,27 @@ class Supervisor:
             "wait_for_network": self.network is not None,
         }
 
-    @staticmethod
-    def _binds(plan: dict) -> list:
+    def _binds(self, plan: dict) -> list:
         from agent.launch.mounts import idmap_userns
 
-        userns: dict = {}
+        made: dict = {}
         binds = []
         try:
             for path, writable, origin, owner in plan["binds"]:
                 fd = None
                 if owner is not None:
                     key = tuple(owner)
-                    if key not in userns:
-                        userns[key] = idmap_userns(key[0], key[1], plan["uid"], plan["gid"])
-                    fd = userns[key]
+                    fd = self.userns.get(key)
+                    if fd is None:
+                        if key not in made:
+                            made[key] = idmap_userns(key[0], key[1], plan["uid"], plan["gid"])
+                        fd = made[key]
                 binds.append((path, writable, origin, fd))
         except BaseException:
-            for fd in userns.values():
+            for fd in made.values():
                 os.close(fd)
             raise
+        self.userns_made = list(made.values())
         return binds
 
     # -- fork and supervise --
@@ -235,9 +241,8 @@ class Supervisor:
                 self.cgroup.remove()
             except Exception as exc:  # noqa: BLE001 - report, do not mask the result
                 self.note(f"cgroup: cleanup failed: {exc}")
-            from agent.launch.mounts import close_userns_fds
-
-            close_userns_fds(child_plan["mounts"]["binds"])
+            for fd in getattr(self, "userns_made", ()):
+                os.close(fd)
 
     def _fork(self, plan: dict) -> int:
         """The init: clone3 into a new PID namespace and the v2 cgroup; where

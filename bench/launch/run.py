@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-PYTHON = str(REPO / ".venv" / "bin" / "python")
+COMMAND = str(REPO / ".venv" / "bin" / "skillguard")  # as scripts/setup.sh installs it
 MANIFEST = """\
 name: bench-true
 version: "1"
@@ -41,15 +41,13 @@ def ensure(tool: str, package: str) -> bool:
     return shutil.which(tool) is not None
 
 
-def median_ms(argv: list[str], runs: int, env=None) -> float:
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        proc = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        samples.append((time.perf_counter() - start) * 1000)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{argv[0]} exited {proc.returncode}")
-    return statistics.median(samples)
+def once_ms(argv: list[str], env) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    elapsed = (time.perf_counter() - start) * 1000
+    if proc.returncode != 0:
+        raise RuntimeError(f"{argv[0]} exited {proc.returncode}")
+    return elapsed
 
 
 def main() -> int:
@@ -64,27 +62,39 @@ def main() -> int:
     (tmp / "work").mkdir()
     manifest = tmp / "bench.yaml"
     manifest.write_text(MANIFEST.format(work=tmp / "work"))
-    env = {**os.environ, "SKILLGUARD_STATE_ROOT": str(tmp / "state")}
+    env = {**os.environ, "SKILLGUARD_STATE_ROOT": str(tmp / "state"),
+           "SKILLGUARD_SOCKET": str(tmp / "no-daemon.sock")}  # local, as with no daemon running
+    run = [COMMAND, "run", "--manifest", str(manifest), "--events", str(tmp / "events.jsonl"),
+           "--", "/bin/true"]
     candidates = {
-        "bare /bin/true": ["/bin/true"],
-        "skillguard run": [PYTHON, "-m", "agent", "run", "--manifest", str(manifest),
-                           "--events", str(tmp / "events.jsonl"), "--", "/bin/true"],
+        "bare /bin/true": (["/bin/true"], env),
+        "skillguard run": (run, env),
+        # The first launch of a manifest (or after it, its files or the agent
+        # changed): everything compiled, nothing stored is used.
+        "skillguard run, compiling": (run, {**env, "SKILLGUARD_NO_CACHE": "1"}),
     }
     if ensure("bwrap", "bubblewrap"):
-        candidates["bwrap --unshare-all"] = ["bwrap", "--unshare-all", "--die-with-parent",
-                                             "--ro-bind", "/", "/", "true"]
+        candidates["bwrap --unshare-all"] = (["bwrap", "--unshare-all", "--die-with-parent",
+                                              "--ro-bind", "/", "/", "true"], env)
     if ensure("firejail", "firejail"):
-        candidates["firejail --noprofile"] = ["firejail", "--quiet", "--noprofile", "true"]
+        candidates["firejail --noprofile"] = (["firejail", "--quiet", "--noprofile", "true"], env)
     os.chdir(REPO)
-    results = {}
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
     try:
-        for name, argv in candidates.items():
-            median_ms(argv, 2, env)  # warm caches
-            results[name] = median_ms(argv, args.runs, env)
+        for argv, cand_env in candidates.values():
+            once_ms(argv, cand_env)  # warm caches (and store the plan)
+        # Interleaved: every round runs each candidate once, so load changes
+        # on this shared machine hit them all alike.
+        for _ in range(args.runs):
+            for name, (argv, cand_env) in candidates.items():
+                samples[name].append(once_ms(argv, cand_env))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    results = {name: statistics.median(values) for name, values in samples.items()}
     base = results["bare /bin/true"]
-    print(f"launch overhead, median of {args.runs} runs (ratio to bare /bin/true)")
+    load = os.getloadavg()[0]
+    print(f"launch overhead, median of {args.runs} interleaved rounds (ratio to bare /bin/true; "
+          f"load average {load:.2f})")
     for name, value in results.items():
         print(f"  {name:<24} {value:8.2f} ms   x{value / base:7.1f}")
     if "firejail --noprofile" in results:
