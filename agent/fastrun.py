@@ -136,7 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         gc.disable()
         code = fast_run(parsed)
         if code is not None:
-            return code
+            # Skip the interpreter's shutdown (module teardown, a final
+            # collection: ~3-5 ms); nothing of ours is left to finalise.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
     if sys.flags.no_site:
         import site
 

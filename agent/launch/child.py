@@ -1,11 +1,14 @@
 """What the launched child does between fork and exec.
 
-The child is PID 1 of a new PID namespace (the supervisor unshared
-CLONE_NEWPID before forking). It confines itself in this order, reporting
-the first failure to the supervisor as {"layer", "error"} on the error pipe
-and exiting 125, so the skill never starts half-confined:
+The child is PID 1 of a new PID namespace (the supervisor cloned it with
+CLONE_NEWPID, and CLONE_INTO_CGROUP into the skill's v2 cgroup). It
+confines itself in this order, reporting the first failure to the
+supervisor as (layer, error) on the error pipe and exiting 125, so the
+skill never starts half-confined:
 
-    cgroup -> namespaces (mount, IPC, UTS, net, cgroup) + setsid -> mounts
+    cgroup (v1: write "0" to `tasks`) -> namespaces (mount, IPC, UTS, net,
+    cgroup) + setsid -> binds from the supervisor (made while we unshared:
+    idmapping user namespaces take a helper process) -> mounts
     -> network (with a grant: wait until the supervisor has set up veth,
     nftables and DNS stub in our netns, agent/launch/netns.py) -> loopback -> rlimits -> uid/gid/capabilities -> no_new_privs
     -> Landlock -> seccomp (listener fd sent to the supervisor) -> fork+exec
@@ -162,6 +165,19 @@ def _seccomp(bpf: bytes) -> int:
     return install_filter(bpf, listener=True)
 
 
+def _receive_binds(sock) -> list:
+    """The supervisor's binds message (supervisor.py `_send_binds`)."""
+    message, ancillary, _flags, _addr = sock.recvmsg(1 << 20, _socket.CMSG_SPACE(64 * 4))
+    if not message.startswith(b"binds"):
+        raise RuntimeError("the supervisor did not send the binds")
+    fds = []
+    for level, kind, data in ancillary:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            fds.extend(struct.unpack(f"{len(data) // 4}i", data[:len(data) - len(data) % 4]))
+    return [(path, writable, origin, None if index is None else fds[index])
+            for path, writable, origin, index in marshal.loads(message[5:])]
+
+
 def _send_fd(sock, message: bytes, fd: int) -> None:
     sock.sendmsg([message], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack("i", fd))])
 
@@ -200,6 +216,7 @@ def _confine_and_start(plan: dict, err_fd: int, sock) -> int:
     if plan["wait_for_network"]:
         _step("network", sock.send, b"netns")  # the supervisor may now enter our netns
     os.setsid()  # no controlling terminal: nothing to TIOCSTI into
+    plan["mounts"]["binds"] = _step("mount", _receive_binds, sock)
     _step("mount", mounts.setup, plan["mounts"])
     mounts.close_userns_fds(plan["mounts"]["binds"])
     if plan["wait_for_network"]:

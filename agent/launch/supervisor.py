@@ -189,16 +189,14 @@ class Supervisor:
                                              LimitValues(*spec["limits"]), mounts)
         except CgroupError as exc:
             raise LaunchError("cgroup", str(exc)) from None
-        try:
-            binds = self._binds(plan)
-        except BaseException:
-            self.cgroup.remove()
-            raise
+        # The binds (and the idmapping user namespaces they need, which take
+        # a helper process to make) are made after the fork, while the child
+        # unshares its namespaces: _send_binds.
         return {
             "executable": plan["executable"], "argv": plan["argv"], "env": env.as_dict(),
             "cwd": plan["cwd"], "uid": plan["uid"], "gid": plan["gid"],
             "hostname": plan["hostname"], "cgroup": self.cgroup, "in_v2": False,
-            "mounts": {"binds": binds, "uid": plan["uid"], "gid": plan["gid"],
+            "mounts": {"binds": None, "uid": plan["uid"], "gid": plan["gid"],
                        "tmp_size": plan["tmp_size"], "resolv_conf": plan["resolv_conf"]},
             "rlimits": plan["rlimits"], "landlock": landlock,
             "seccomp_bpf": plan["seccomp"]["bpf"], "exec_fd": exec_fd,
@@ -206,7 +204,7 @@ class Supervisor:
         }
 
     def _binds(self, plan: dict) -> list:
-        from agent.launch.mounts import idmap_userns
+        from agent.launch.mounts import MountError, idmap_userns
 
         made: dict = {}
         binds = []
@@ -221,12 +219,32 @@ class Supervisor:
                             made[key] = idmap_userns(key[0], key[1], plan["uid"], plan["gid"])
                         fd = made[key]
                 binds.append((path, writable, origin, fd))
-        except BaseException:
+        except BaseException as exc:
             for fd in made.values():
                 os.close(fd)
+            if isinstance(exc, MountError):
+                raise LaunchError("mount", str(exc)) from None
             raise
         self.userns_made = list(made.values())
         return binds
+
+    def _send_binds(self, pid: int, sock) -> None:
+        """The binds for the child's mount namespace, their user-namespace fds
+        passed with SCM_RIGHTS (child.py `_receive_binds`)."""
+        try:
+            binds = self._binds(self.plan)
+        except BaseException:
+            _kill_and_reap(pid)
+            raise
+        fds = sorted({fd for *_rest, fd in binds if fd is not None})
+        spec = [(path, writable, origin, None if fd is None else fds.index(fd))
+                for path, writable, origin, fd in binds]
+        ancillary = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))] \
+            if fds else []
+        try:
+            sock.sendmsg([b"binds" + marshal.dumps(spec)], ancillary)
+        except OSError:
+            pass  # the child is gone; _supervise reads why from its error pipe
 
     # -- fork and supervise --
 
@@ -290,6 +308,12 @@ class Supervisor:
         child_sock.close()
         os.close(err_w)
         self.pid = pid
+        try:
+            self._send_binds(pid, parent_sock)
+        except BaseException:
+            parent_sock.close()
+            os.close(err_r)
+            raise
         if self.network is not None:
             try:
                 self._attach_network(pid, parent_sock)
@@ -537,6 +561,14 @@ def _failure(data: bytes) -> tuple[str, str]:
         return str(layer), str(reason)
     except (ValueError, TypeError, EOFError):
         return "launch", repr(data[:200])
+
+
+def _kill_and_reap(pid: int) -> None:
+    try:
+        os.kill(pid, SIGKILL)
+        os.waitpid(pid, 0)
+    except OSError:
+        pass
 
 
 def _parent_pid(pid: int) -> int | None:
