@@ -9,8 +9,10 @@ compiles afresh (and stores the new plan):
 - the record's inputs equal this launch's byte for byte (the file name is
   only a checksum of them);
 - every witness still holds: each path the compilers looked at has the
-  same stat() (mode, device, inode, size, mtime, owner);
-- the running Landlock ABI is the one the plan was fitted to.
+  same stat() (mode, device, inode, owner; size and mtime for files and
+  listed directories);
+- the kernel is the same release (the plan's Landlock rights were fitted to
+  its ABI; the child checks the ABI again before it restricts itself).
 
 Records are marshal data (plain values only; marshal.loads builds no
 objects of other types), written atomically. $SKILLGUARD_NO_CACHE=1 turns
@@ -91,7 +93,7 @@ def inputs(manifest_path: str, manifest_bytes: bytes, command: list, audit: bool
     return marshal.dumps((
         RECORD_VERSION, os.path.abspath(manifest_path), manifest_bytes, list(command),
         os.getcwd(), bool(audit), [os.environ.get(name) for name in INPUT_ENV],
-        _config_bytes(), code_stamp(),
+        _config_bytes(), code_stamp(), os.uname().release,
     ))
 
 
@@ -131,14 +133,6 @@ def load(state_root: str, material: bytes) -> dict | None:
     plan = record.get("plan")
     if not isinstance(plan, dict) or not witness_holds(plan["witness"]):
         return None
-    if plan["landlock"] is not None:
-        from agent.enforce.landlock_sys import LandlockUnsupported, probe_abi
-
-        try:
-            if probe_abi() != plan["landlock"]["abi"]:
-                return None
-        except LandlockUnsupported:
-            return None
     return record
 
 

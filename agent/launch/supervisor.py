@@ -287,8 +287,6 @@ class Supervisor:
         return os.fork()
 
     def _run(self, plan) -> RunResult:
-        from agent.launch import child
-
         pids_before = self._counter(self.cgroup.pids_events)
         oom_before = self._counter(lambda: self.cgroup.memory_events().get("oom_kill", 0))
         parent_sock, child_sock = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
@@ -304,6 +302,10 @@ class Supervisor:
         if pid == 0:
             parent_sock.close()
             os.close(err_r)
+            # Imported here: the child's modules load while the supervisor
+            # makes the binds, not before the fork.
+            from agent.launch import child
+
             child.run(plan, err_w, child_sock)  # never returns
         child_sock.close()
         os.close(err_w)
