@@ -132,12 +132,14 @@ def _cgroup_info(cgroup) -> dict:
 
 
 def write_exit(state_root: str, launch_id: str, result: dict) -> None:
+    """The exit record, for a daemon that restarted meanwhile. Atomic (a
+    reader sees all of it or nothing) but not fsynced: it must outlive the
+    daemon, which the page cache does; after a host crash the skill is gone
+    and so is what the record would say."""
     path = exit_path(state_root, launch_id)
     tmp = path + ".tmp"
     with open(tmp, "w") as fh:
         json.dump(result, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
     os.rename(tmp, path)
 
 
