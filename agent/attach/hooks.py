@@ -80,6 +80,8 @@ class _Skill:
     flags: int
     origins: dict[int, dict[str, str]] = field(default_factory=dict)  # pid -> task_cgroups()
     fs_violations: int = 0
+    adopted: bool = False  # an orphan whose policy the daemon gave back (adopt())
+    found: object = None  # an orphan's entries as read back from the maps (bpf_maps.FoundEntries)
 
 
 def _default_resolvers() -> list[str]:
@@ -139,6 +141,10 @@ class Hooks:
         self._compiled: dict = {}
         self._skills: dict[str, _Skill] = {}
         self._by_cgroup: dict[int, _Skill] = {}
+        self._observing = 0  # attached skills with SKILL_FS_OBSERVE
+        self._noted: set[str] = set()
+        # <mount>/<subtree>/<skill>/<instance>: the depth `socket cgroupv2 level` matches
+        self._skill_level = len(Path(subtree).parts) + 2
         self.nft = None
         self.nft_problem = ""
         if nft_table:
@@ -185,6 +191,8 @@ class Hooks:
             if self.nft is not None:
                 self.nft.drop_table()
         self._reader.close()
+        if self.nft is not None:
+            self.nft.close()
         if unload:
             bpf_hooks.unload(self.loaded, unpin=True)
             remove_subtree(self.subtree)
@@ -256,8 +264,7 @@ class Hooks:
                                          f"known: {', '.join(ALL_LAYERS)}")
         if not pids:
             raise AttachError("pids", "no process given")
-        for pid in pids:
-            self._check_pid(pid)
+        origins = {pid: self._check_pid(pid) for pid in pids}
         bpf = self.prepare(policy, observe_fs)
         layers = self.plan_layers(policy, bpf)
         missing = [f"{r} ({layers[r]})" for r in require if layers.get(r) != ACTIVE]
@@ -275,13 +282,14 @@ class Hooks:
         except CgroupError as exc:
             raise AttachError("resources" if exc.controller in ("memory", "pids", "cpu") else "cgroup",
                               exc.reason) from None
-        if cgroup.v2_path is None:
+        v2_dir = cgroup.v2_path
+        if v2_dir is None:
             cgroup.remove()  # still empty
             raise AttachError("cgroup", "no cgroup v2 directory for the skill")
-        cg = cgroup_id(cgroup.v2_path)
-        self.note("resources: " + ", ".join(f"{c}: {w}" for c, w in cgroup.limits_applied().items()))
-        attachment = Attachment(skill_id, policy.name, tuple(pids), str(cgroup.v2_path), cg, layers)
-        skill = _Skill(attachment, cgroup, cgroup.v2_path, bpf, bpf.fs_rules, bpf.flags)
+        cg = cgroup.id if cgroup.id is not None else cgroup_id(v2_dir)
+        self._note_once("resources: " + ", ".join(f"{c}: {w}" for c, w in cgroup.limits_applied().items()))
+        attachment = Attachment(skill_id, policy.name, tuple(pids), str(v2_dir), cg, layers)
+        skill = _Skill(attachment, cgroup, v2_dir, bpf, bpf.fs_rules, bpf.flags, origins)
         done: list[str] = []
         try:
             if bpf.flags & SKILL_FS_OBSERVE and not bpf_hooks.tracepoints_attached(self.loaded):
@@ -297,20 +305,19 @@ class Hooks:
             done.append("maps")
             if self.nft is not None:
                 try:
-                    self.nft.add(cgroup.v2_path, self._level(cgroup.v2_path), bpf.flags, bpf.net4,
-                                 bpf.net6, self.resolvers)
+                    self.nft.add(v2_dir, cg, self._skill_level, bpf.flags, bpf.net4, bpf.net6,
+                                 self.resolvers)
                 except self._nft_error as exc:
                     raise AttachError("nftables-cgroup", str(exc)) from None
                 done.append("nft")
-            self._skills[skill_id] = skill
-            self._by_cgroup[cg] = skill
+            self._register(skill)
             done.append("registered")
             moved = self._move_in(skill, pids, tree)
         except BaseException:
             self._undo(skill, done)
             raise
         layers = self._sockets_held_before(skill, moved, layers, require)
-        attachment = Attachment(skill_id, policy.name, tuple(moved), str(cgroup.v2_path), cg, layers)
+        attachment = Attachment(skill_id, policy.name, tuple(moved), str(v2_dir), cg, layers)
         skill.attachment = attachment
         return attachment
 
@@ -338,19 +345,67 @@ class Hooks:
                                          "the process was moved back")
         return layers
 
-    def _check_pid(self, pid: int) -> None:
+    def _check_pid(self, pid: int) -> dict[str, str]:
+        """Refuse pids that cannot be attached; where the process is now (task_cgroups)."""
         if pid <= 1 or pid == os.getpid():
             raise AttachError("pids", f"refusing to attach pid {pid}")
-        if not procs.exists(pid):
+        kernel_thread = procs.is_kernel_thread(pid)
+        if kernel_thread is None:
             raise AttachError("pids", f"no process {pid}")
-        if procs.is_kernel_thread(pid):
+        if kernel_thread:
             raise AttachError("pids", f"pid {pid} is a kernel thread")
-        where = task_cgroups(pid).get("", "")
+        try:
+            origin = task_cgroups(pid)
+        except FileNotFoundError:
+            raise AttachError("pids", f"no process {pid}") from None
+        where = origin.get("", "")
         if where == f"/{self.subtree}" or where.startswith(f"/{self.subtree}/"):
             raise AttachError("pids", f"pid {pid} is already confined ({where})")
+        return origin
 
     def _level(self, v2_dir: Path) -> int:
         return len(v2_dir.relative_to(self.v2_mount).parts)
+
+    def _note_once(self, text: str) -> None:
+        """Note what is the same for most attaches (where limits went) when it changes, not each time."""
+        if text not in self._noted:
+            if len(self._noted) > 64:
+                self._noted.clear()
+            self._noted.add(text)
+            self.note(text)
+
+    def adopt(self, skill_id: str, policy) -> None:
+        """Give an orphan found after a restart its policy back, so its fs
+        events are checked against its rules again. Its map entries stay as
+        the earlier agent wrote them, and are removed as found (`found`)."""
+        skill = self._skills.get(skill_id)
+        if skill is None:
+            raise AttachError("adopt", f"no attached skill {skill_id!r}")
+        bpf = self.prepare(policy, bool(skill.flags & SKILL_FS_OBSERVE))
+        skill.fs_rules = bpf.fs_rules
+        skill.attachment = Attachment(skill.attachment.skill_id, policy.name, skill.attachment.pids,
+                                      skill.attachment.cgroup_path, skill.attachment.cgroup_id,
+                                      self.plan_layers(policy, bpf))
+        skill.adopted = True
+
+    def attached(self, skill_id: str) -> bool:
+        return skill_id in self._skills
+
+    def attachment_of_cgroup(self, cgroup_id: int) -> Optional[Attachment]:
+        skill = self._by_cgroup.get(cgroup_id)
+        return skill.attachment if skill is not None else None
+
+    def _register(self, skill: _Skill) -> None:
+        self._skills[skill.attachment.skill_id] = skill
+        self._by_cgroup[skill.attachment.cgroup_id] = skill
+        if skill.flags & SKILL_FS_OBSERVE:
+            self._observing += 1
+
+    def _unregister(self, skill: _Skill) -> None:
+        if self._skills.pop(skill.attachment.skill_id, None) is not None:
+            self._by_cgroup.pop(skill.attachment.cgroup_id, None)
+            if skill.flags & SKILL_FS_OBSERVE:
+                self._observing -= 1
 
     def _move_in(self, skill: _Skill, pids: list[int], tree: bool) -> list[int]:
         """Write each tgid into cgroup.procs: v2 and v1 both move every thread of
@@ -364,7 +419,8 @@ class Hooks:
             if pid in moved:
                 continue
             try:
-                skill.origins[pid] = task_cgroups(pid)
+                if pid not in skill.origins:
+                    skill.origins[pid] = task_cgroups(pid)
                 skill.cgroup.add(pid)
             except (CgroupError, FileNotFoundError) as exc:
                 if not procs.exists(pid) and pid not in pids:
@@ -389,12 +445,15 @@ class Hooks:
         if skill.bpf is not None:
             net4, net6 = skill.bpf.net4, skill.bpf.net6
         else:  # an orphan: its grants are still in the maps
-            net4, net6 = self.maps.net_entries(cg)
+            if skill.found is None:
+                skill.found = self.maps.scan({cg})[cg]
+            net4, net6 = skill.found.net4, skill.found.net6
         if "maps" in done:
-            self.maps.remove(cg, skill.bpf)  # `skills` entry first: enforcement stops here
+            # `skills` entry first: enforcement stops here
+            self.maps.remove(cg, skill.bpf, skill.found if skill.bpf is None else None)
         if "nft" in done and self.nft is not None:
             try:
-                self.nft.remove(skill.v2_dir, skill.flags, net4, net6)
+                self.nft.remove(skill.v2_dir, cg, skill.flags, net4, net6)
             except self._nft_error as exc:
                 errors.append(str(exc))
         self._move_out(skill)
@@ -407,8 +466,7 @@ class Hooks:
             for d in dirs:
                 _rmdir_quiet(d)
         if "registered" in done:
-            self._skills.pop(skill.attachment.skill_id, None)
-            self._by_cgroup.pop(cg, None)
+            self._unregister(skill)
         self._maybe_stop_tracepoints()
         if self.nft is not None and not self._skills and not self.maps.skills():
             try:
@@ -425,7 +483,7 @@ class Hooks:
         dirs = [("", skill.v2_dir, mounts.v2)]
         if skill.cgroup is not None:
             dirs += [(c, p, mounts.v1.get(c)) for c, p in skill.cgroup.v1_paths.items()]
-        for _ in range(20):
+        for attempt in range(20):
             stray = False
             for controller, here, mount in dirs:
                 for pid in _members(here):
@@ -437,10 +495,17 @@ class Hooks:
                             break
             if not stray:
                 return
-            time.sleep(0.005)
+            # The next pass normally finds the cgroups empty at once; only a
+            # process that keeps forking into them makes it wait (and the
+            # event loop with it), briefly.
+            if attempt:
+                time.sleep(0.002)
 
     def _maybe_stop_tracepoints(self) -> None:
-        if any(flags & SKILL_FS_OBSERVE for flags in self.maps.skills().values()):
+        # Counted here, not read back from the `skills` map: every skill in
+        # the map is in self._skills (orphans are adopted at start), and a
+        # scan of the map per detach made detaching 1,000 skills take 20 s.
+        if self._observing > 0:
             return
         bpf_hooks.detach_tracepoints(self.loaded)
 
@@ -467,10 +532,29 @@ class Hooks:
                   and (m / rel).is_dir()}
             cgroup = SkillCgroup(path, v1, {}, cg)
             skill = _Skill(attachment, cgroup, path, None, FsRules(()), flags)
-            self._skills[skill_id] = skill
-            self._by_cgroup[cg] = skill
+            self._register(skill)
             self.note(f"found skill {skill_id} (cgroup {cg}) attached by an earlier agent")
+        if self._skills:
+            # One pass over the maps for every orphan, not one per detach.
+            found = self.maps.scan(set(self._by_cgroup))
+            for cg, skill in self._by_cgroup.items():
+                skill.found = found[cg]
+        self._rebuild_nft_if_needed()
         self._maybe_stop_tracepoints()
+
+    def _rebuild_nft_if_needed(self) -> None:
+        """Skills found in the maps keep their nft elements across a restart;
+        if the table is gone or has an older layout, rebuild it from the maps
+        in one transaction (the old table stays until the new one replaces it)."""
+        if self.nft is None or not self._skills or self.nft.layout_current():
+            return
+        skills = [(s.v2_dir, s.flags, s.found.net4, s.found.net6) for s in self._skills.values()]
+        try:
+            self.nft.rebuild(self._skill_level, self.resolvers, skills)
+        except self._nft_error as exc:
+            self.note(f"nftables-cgroup: rebuilding the table for {len(skills)} skill(s) failed: {exc}")
+            return
+        self.note(f"nftables-cgroup: table {self.nft.table} rebuilt for {len(skills)} skill(s)")
 
     # ---- events and counters ----
 
@@ -481,7 +565,8 @@ class Hooks:
         event = decode_event(data)
         skill = self._by_cgroup.get(event.cgroup_id)
         name = skill.attachment.name if skill else f"cgroup:{event.cgroup_id}"
-        if skill is not None and skill.bpf is None and event.kind != EV_NET and event.decision != "killed":
+        if skill is not None and skill.bpf is None and not skill.adopted and event.kind != EV_NET \
+                and event.decision != "killed":
             return  # an orphan's fs rules are unknown: only kills are reported
         violation = to_violation(name, event, skill.fs_rules if skill else FsRules(()),
                                  bool(skill and skill.flags & SKILL_DNS))

@@ -9,18 +9,28 @@ elements and DNS to the resolvers (for skills that name hosts), and rejects
 the rest with ICMP admin-prohibited (connect() fails at once with
 EHOSTUNREACH). Audit-mode skills are accepted after the checks, counted.
 
-Shared sets keyed by the cgroup, not a chain and sets per skill: libnftables
-refetches the table's objects before every transaction, so per-skill chains
-made an attach cost grow with the number of skills (≈12 ms per attach at
-1,000 skills on the development VM, against ≈2.5 ms with shared sets;
-measured with bench/hooks). Attaching or detaching is one transaction of
-element updates. The table exists only while a skill is registered.
+Shared sets keyed by the cgroup, not a chain and sets per skill, and exact
+grants (one address, one port) in hash sets apart from the prefix and
+any-port grants, which need interval sets: libnftables fetches the table's
+sets before every transaction, and the elements of every interval set it
+adds to or deletes from (nftables 1.0.6 src/cache.c, for interval merging),
+so per-skill chains or one interval set for every grant made an attach cost
+grow with the number of skills (per-skill chains ≈12 ms per attach at 1,000
+skills, one interval set ≈0.55 ms; measured on the development VM).
+A skill's elements (membership, grants, dns, audit) are written with one
+netlink batch (agent/attach/nft_netlink.py, ≈0.03 ms whatever the number of
+skills, against ≈0.3 ms for a libnftables transaction that refetches the
+table first); libnftables creates and deletes the table and rebuilds it
+after a restart. The table exists only while a skill is registered.
 
 Text commands, not JSON: nftables 1.0.6 (Debian 12) cannot express `socket
 cgroupv2` in its JSON parser ("Invalid socket key value") and drops `level`
 from its JSON output. nft resolves a cgroup path relative to /sys/fs/cgroup
 when the element is added (nftables src/datatype.c, cgroupv2_type_parse), so
 the cgroup must exist then and the v2 mount must lie under /sys/fs/cgroup.
+Listing elements does the reverse for each one (a walk of /sys/fs/cgroup per
+element: seconds for 1,000 skills), so this module never lists elements:
+listings are terse.
 """
 from __future__ import annotations
 
@@ -33,37 +43,42 @@ from agent.compile.network import ANY_PORT
 
 NFT_CGROUP_ROOT = Path("/sys/fs/cgroup")
 DEFAULT_TABLE = "skillguard_cg"
+# A set only this layout has: a table without it was made by an older agent.
+LAYOUT_MARK = "allow4x"
 
 
 class NftError(RuntimeError):
     pass
 
 
-def nft_path(v2_dir: Path) -> str:
+def nft_path(v2_dir) -> str:
     """The path nft wants for a cgroup v2 directory; NftError if nft cannot name it."""
-    try:
-        return str(v2_dir.relative_to(NFT_CGROUP_ROOT))
-    except ValueError:
-        raise NftError(f"{v2_dir} is not under {NFT_CGROUP_ROOT}, where nft resolves cgroup paths") from None
+    text = str(v2_dir)
+    root = str(NFT_CGROUP_ROOT) + "/"
+    if not text.startswith(root) or ".." in text.split("/"):
+        raise NftError(f"{v2_dir} is not under {NFT_CGROUP_ROOT}, where nft resolves cgroup paths")
+    return text[len(root):]
 
 
-def _elements(path: str, entries: Iterable[NetEntry], *, ranges: bool = False) -> list[str]:
-    """`"path" . address . port` elements. With ranges, every part is an
-    explicit range: nftables 1.0.6 finds an element of a concatenated interval
-    set to delete only in that form ("No such file or directory" otherwise)."""
-    out = []
-    for entry in entries:
-        net = entry.network
-        if ranges:
-            addr = f"{net.network_address}-{net.broadcast_address}"
-        else:
-            addr = str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
-        if entry.any_port:
-            out.append(f'"{path}" . {addr} . {ANY_PORT[0]}-{ANY_PORT[1]}')
-        else:
-            out.extend(f'"{path}" . {addr} . {port}-{port}' if ranges else f'"{path}" . {addr} . {port}'
-                       for port in entry.ports)
-    return out
+def _is_exact(entry: NetEntry) -> bool:
+    net = entry.network
+    return not entry.any_port and net.prefixlen == net.max_prefixlen
+
+
+def _elements(path: str, entries: Iterable[NetEntry]) -> list[str]:
+    """`"path" . address . port` elements of exact grants."""
+    return [f'"{path}" . {entry.network.network_address} . {port}' for entry in entries for port in entry.ports]
+
+
+def _range_element(path: str, grant: tuple, *, explicit: bool = False) -> str:
+    """`"path" . prefix . ports` for an interval set. Explicit: every part a
+    range; nftables 1.0.6 finds an element of a concatenated interval set to
+    delete only in that form ("No such file or directory" otherwise)."""
+    net, first, last = grant
+    if explicit:
+        return f'"{path}" . {net.network_address}-{net.broadcast_address} . {first}-{last}'
+    ports = str(first) if first == last else f"{first}-{last}"
+    return f'"{path}" . {net} . {ports}'
 
 
 def table_commands(table: str, level: int, resolvers: Iterable[str]) -> str:
@@ -77,6 +92,8 @@ def table_commands(table: str, level: int, resolvers: Iterable[str]) -> str:
         f"add set {t} members {{ type cgroupsv2; }}",
         f"add set {t} audit {{ type cgroupsv2; }}",
         f"add set {t} dns {{ type cgroupsv2; }}",
+        f"add set {t} allow4x {{ type cgroupsv2 . ipv4_addr . inet_service; }}",
+        f"add set {t} allow6x {{ type cgroupsv2 . ipv6_addr . inet_service; }}",
         f"add set {t} allow4 {{ type cgroupsv2 . ipv4_addr . inet_service; flags interval; }}",
         f"add set {t} allow6 {{ type cgroupsv2 . ipv6_addr . inet_service; flags interval; }}",
         f"add counter {t} rejected",
@@ -85,6 +102,8 @@ def table_commands(table: str, level: int, resolvers: Iterable[str]) -> str:
         f"add chain {t} output {{ type filter hook output priority 0; policy accept; }}",
         f"add rule {t} output {sock} @members goto confined",
         f"add rule {t} confined ct state established,related accept",
+        f"add rule {t} confined meta l4proto tcp {sock} . ip daddr . tcp dport @allow4x accept",
+        f"add rule {t} confined meta l4proto tcp {sock} . ip6 daddr . tcp dport @allow6x accept",
         f"add rule {t} confined meta l4proto tcp {sock} . ip daddr . tcp dport @allow4 accept",
         f"add rule {t} confined meta l4proto tcp {sock} . ip6 daddr . tcp dport @allow6 accept",
     ]
@@ -98,6 +117,57 @@ def table_commands(table: str, level: int, resolvers: Iterable[str]) -> str:
     return "\n".join(lines)
 
 
+def ranged_grants(entries: Iterable[NetEntry]) -> list[tuple]:
+    """(network, first port, last port) of the grants that need an interval
+    set, leaving out those another one covers (pure). The BPF compiler gives
+    a narrower prefix the ports of every wider one, and the kernel's
+    concatenated interval sets refuse an element whose first or last key
+    lies in another element (ENOTEMPTY, net/netfilter/nft_set_pipapo.c
+    nft_pipapo_insert). With prefixes nested or disjoint and ports one or
+    all, only a covered element or one whose range starts or ends on a
+    single-port grant of a wider prefix (port 1 or 65535) does; the first
+    are left out here, the second is refused by the kernel and the attach
+    fails with that error (fail closed)."""
+    ranges = []
+    for e in entries:
+        if _is_exact(e):
+            continue
+        if e.any_port:
+            ranges.append((e.network, ANY_PORT[0], ANY_PORT[1]))
+        else:
+            ranges.extend((e.network, port, port) for port in e.ports)
+
+    def covered(r, by):
+        return r != by and r[0].subnet_of(by[0]) and by[1] <= r[1] and r[2] <= by[2]
+
+    kept = []
+    for r in ranges:
+        if not any(covered(r, other) for other in ranges) and r not in kept:
+            kept.append(r)
+    return kept
+
+
+def hash_changes(cgroup_id: int, flags: int, net4: Iterable[NetEntry], net6: Iterable[NetEntry], *,
+                 delete: bool = False) -> list[tuple[int, str, list]]:
+    """One skill's elements of every set as netlink changes (pure). Membership
+    goes last on add and first on delete, like skill_commands."""
+    from agent.attach.nft_netlink import (NFT_MSG_DELSETELEM, NFT_MSG_NEWSETELEM, cgroup_key,
+                                          grant_key, range_key)
+
+    op = NFT_MSG_DELSETELEM if delete else NFT_MSG_NEWSETELEM
+    me = [cgroup_key(cgroup_id)]
+    grants = []
+    for name, entries in (("allow4", list(net4)), ("allow6", list(net6))):
+        keys = [grant_key(cgroup_id, e.network.network_address, port)
+                for e in entries if _is_exact(e) for port in e.ports]
+        grants.append((op, name + "x", keys))
+        grants.append((op, name, [range_key(cgroup_id, *r) for r in ranged_grants(entries)]))
+    grants.append((op, "dns", me if flags & SKILL_DNS else []))
+    grants.append((op, "audit", me if not flags & SKILL_ENFORCE else []))
+    member = (op, "members", me)
+    return [member] + grants if delete else grants + [member]
+
+
 def skill_commands(table: str, path: str, flags: int, net4: Iterable[NetEntry],
                    net6: Iterable[NetEntry], *, delete: bool = False) -> str:
     """Add (or delete) one skill's elements (pure). Membership goes last on
@@ -106,7 +176,11 @@ def skill_commands(table: str, path: str, flags: int, net4: Iterable[NetEntry],
     verb = "delete" if delete else "add"
     grants = []
     for name, entries in (("allow4", net4), ("allow6", net6)):
-        elems = _elements(path, entries, ranges=delete)
+        entries = list(entries)
+        elems = _elements(path, [e for e in entries if _is_exact(e)])
+        if elems:
+            grants.append(f"{verb} element {t} {name}x {{ {', '.join(elems)} }}")
+        elems = [_range_element(path, r, explicit=delete) for r in ranged_grants(entries)]
         if elems:
             grants.append(f"{verb} element {t} {name} {{ {', '.join(elems)} }}")
     if flags & SKILL_DNS:
@@ -125,7 +199,20 @@ class NftCgroupTable:
 
         self.table = table
         self._nft = nftables.Nftables()
+        self._terse = nftables.Nftables()
+        self._terse.set_terse_output(True)  # never list elements (see the module doc)
         self._made = False
+        from agent.attach.nft_netlink import SetElements
+
+        self._elements = SetElements(table)
+
+    def _apply(self, changes, what: str) -> None:
+        from agent.attach.nft_netlink import NetlinkError
+
+        try:
+            self._elements.apply(changes)
+        except NetlinkError as exc:
+            raise NftError(f"nftables: {what}: {exc.strerror or exc}") from None
 
     def _run(self, commands: str, what: str) -> str:
         rc, out, err = self._nft.cmd(commands)
@@ -134,24 +221,45 @@ class NftCgroupTable:
         return out
 
     def exists(self) -> bool:
-        rc, _, _ = self._nft.cmd(f"list table inet {self.table}")
-        return rc == 0
+        rc, out, _ = self._terse.cmd("list tables inet")
+        return rc == 0 and f"table inet {self.table}\n" in out
+
+    def layout_current(self) -> bool:
+        """True when the table exists and has this module's layout."""
+        rc, out, _ = self._terse.cmd(f"list table inet {self.table}")
+        return rc == 0 and f"set {LAYOUT_MARK} {{" in out
 
     def _ensure(self, level: int, resolvers: Iterable[str]) -> None:
         if self._made:
             return
         if not self.exists():
             self._run(table_commands(self.table, level, resolvers), f"creating table {self.table}")
+        elif not self.layout_current():
+            raise NftError(f"table inet {self.table} has the layout of another skillguard version; "
+                           "restart the agent so that it rebuilds it")
         self._made = True
 
-    def add(self, v2_dir: Path, level: int, flags: int, net4, net6, resolvers: Iterable[str]) -> None:
-        path = nft_path(v2_dir)
-        self._ensure(level, resolvers)
-        self._run(skill_commands(self.table, path, flags, net4, net6), f"adding {path}")
+    def rebuild(self, level: int, resolvers: Iterable[str], skills: Iterable[tuple]) -> None:
+        """Replace the table in one transaction with one holding `skills`
+        ((v2 dir, flags, net4, net6) each): packets see the old table or the
+        new one, never none (a restarted agent over a table of another layout)."""
+        commands = [f"delete table inet {self.table}"] if self.exists() else []
+        commands.append(table_commands(self.table, level, resolvers))
+        for v2_dir, flags, net4, net6 in skills:
+            commands.append(skill_commands(self.table, nft_path(v2_dir), flags, net4, net6))
+        self._run("\n".join(commands), f"rebuilding table {self.table}")
+        self._made = True
 
-    def remove(self, v2_dir: Path, flags: int, net4, net6) -> None:
-        path = nft_path(v2_dir)
-        self._run(skill_commands(self.table, path, flags, net4, net6, delete=True), f"removing {path}")
+    def add(self, v2_dir, cgroup_id: int, level: int, flags: int, net4, net6,
+            resolvers: Iterable[str]) -> None:
+        """The skill's elements in one transaction, all or none; its membership last."""
+        path = nft_path(v2_dir)  # where nft will name it (rebuild, listings): refuse what it cannot
+        self._ensure(level, resolvers)
+        self._apply(hash_changes(cgroup_id, flags, net4, net6), f"adding {path}")
+
+    def remove(self, v2_dir, cgroup_id: int, flags: int, net4, net6) -> None:
+        """The skill's elements in one transaction; its membership first."""
+        self._apply(hash_changes(cgroup_id, flags, net4, net6, delete=True), f"removing {v2_dir}")
 
     def counter(self, name: str) -> int:
         rc, out, _ = self._nft.cmd(f"list counter inet {self.table} {name}")
@@ -164,3 +272,6 @@ class NftCgroupTable:
         if self.exists():
             self._run(f"delete table inet {self.table}", f"deleting table {self.table}")
         self._made = False
+
+    def close(self) -> None:
+        self._elements.close()

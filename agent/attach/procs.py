@@ -15,14 +15,15 @@ def threads(pid: int) -> list[int]:
         return []
 
 
-def is_kernel_thread(pid: int) -> bool:
+def is_kernel_thread(pid: int) -> bool | None:
+    """True for a kernel thread, False for a user process, None when there is no process `pid`."""
     # PF_KTHREAD (0x00200000) in field 9 of /proc/PID/stat (proc(5)); the
     # command may hold spaces and ')' so split after the last ')'.
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            rest = f.read().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
-        return False
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            rest = f.read().rsplit(b")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
     return bool(int(rest[6]) & 0x00200000)
 
 
@@ -87,17 +88,24 @@ def inet_socket_count(pid: int) -> int:
 
     try:
         fds = os.listdir(f"/proc/{pid}/fd")
+    except (FileNotFoundError, PermissionError, ProcessLookupError):
+        return 0
+    sockets = []
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                sockets.append(fd)
+        except OSError:
+            continue  # closed meanwhile
+    if not sockets:
+        return 0
+    try:
         pidfd = os.pidfd_open(pid)
     except (FileNotFoundError, PermissionError, ProcessLookupError):
         return 0
     count = 0
     try:
-        for fd in fds:
-            try:
-                if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
-                    continue
-            except OSError:
-                continue  # closed meanwhile
+        for fd in sockets:
             try:
                 copy = syscall("pidfd_getfd", ctypes.c_int(pidfd), ctypes.c_int(int(fd)), ctypes.c_uint(0))
             except OSError as exc:

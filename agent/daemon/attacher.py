@@ -83,7 +83,7 @@ class Attacher:
         problems = []
         if self.hooks is not None:
             attach_id = _attach_id(skill)
-            if any(a.skill_id == attach_id for a in self.hooks.attachments()):
+            if self.hooks.attached(attach_id):
                 try:
                     self.hooks.detach(attach_id)
                 except Exception as exc:  # noqa: BLE001
@@ -107,7 +107,7 @@ class Attacher:
             return "its processes have all exited"
         if self.hooks is None:
             return self.problem
-        found = next((a for a in self.hooks.attachments() if a.cgroup_id == skill.cgroup_id), None)
+        found = self.hooks.attachment_of_cgroup(skill.cgroup_id)
         if found is None:
             return (f"cgroup {skill.cgroup_id} is not in the pinned eBPF maps: its hooks were "
                     "removed while the daemon was down")

@@ -63,7 +63,11 @@ def peer_of(sock: socket.socket) -> Peer:
 def cgroup_paths(pid: int) -> list[str]:
     """The peer's cgroup path in every hierarchy (/proc/PID/cgroup, cgroups(7))."""
     with open(f"/proc/{pid}/cgroup") as fh:
-        return [line.rstrip("\n").split(":", 2)[2] for line in fh if line.count(":") >= 2]
+        return _paths_of(fh.read())
+
+
+def _paths_of(text: str) -> list[str]:
+    return [line.split(":", 2)[2] for line in text.splitlines() if line.count(":") >= 2]
 
 
 def skill_cgroup_of(paths: Iterable[str], root_name, known: Iterable[str] = ()) -> Optional[str]:
@@ -101,13 +105,20 @@ def peer_skill_cgroup(peer: Peer, root_name, known: Iterable[str] = ()) -> Optio
     if peer.pid <= 0:
         return "<unknown: the peer is in a PID namespace the daemon cannot see>"
     try:
-        paths = cgroup_paths(peer.pid)
+        with open(f"/proc/{peer.pid}/cgroup") as fh:
+            text = fh.read()
     except OSError:
         return "<unknown: the process that connected has exited>"
     if peer.pidfd is not None and not _alive(peer.pidfd):
         # The pid was read above; the pidfd says whether it is still the same process.
         return "<unknown: the process that connected has exited>"
-    return skill_cgroup_of(paths, root_name, known)
+    roots = {root_name} if isinstance(root_name, str) else set(root_name)
+    known = [k for k in known if k]
+    if not known and not any(f"/{root}/" in text for root in roots):
+        # Most calls: no level of any path is a skill root (skill_cgroup_of
+        # looks for the root as a level with more below it, "/<root>/").
+        return None
+    return skill_cgroup_of(_paths_of(text), roots, known)
 
 
 def _alive(pidfd: int) -> bool:

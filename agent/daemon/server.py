@@ -217,6 +217,7 @@ class Daemon:
                 os.close(skill.pidfd)
                 skill.pidfd = None
         self.pipeline.flush()
+        self.registry.close()
         self.log("daemon stopped; launched skills keep running under their supervisors")
 
     def _on_sighup(self) -> None:
@@ -551,7 +552,7 @@ class Daemon:
                 skill = Skill.from_record(record)
             except (KeyError, TypeError, ValueError) as exc:
                 self.metrics.registry_corrupt.inc()
-                self.registry_problems.append({"file": f"{record.get('id')}.json", "problem": str(exc)})
+                self.registry_problems.append({"file": f"record {record.get('id')}", "problem": str(exc)})
                 continue
             skill.adopted = True
             from agent.manifest import load_text

@@ -18,7 +18,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agent.compile.bpf_policy import KEY_PATH_LEN, BpfPolicy
 from agent.enforce.bpf_sys import RawMap
@@ -117,6 +117,14 @@ class PrefixSets:
 def resolver_key(address: str) -> bytes:
     ip = ipaddress.ip_address(address)
     return struct.pack("<I", ip.version) + ip.packed.ljust(16, b"\0")
+
+
+@dataclass
+class FoundEntries:
+    """A skill's network entries as read back from the maps."""
+    keys: list = field(default_factory=list)  # (map name, key)
+    net4: tuple = ()
+    net6: tuple = ()
 
 
 @dataclass
@@ -219,14 +227,20 @@ class PolicyMaps:
                 self._release_prefixes(fs_id)
             raise
 
-    def remove(self, cgroup_id: int, policy: BpfPolicy | None) -> None:
-        """Delete the skill; with no policy (an agent restart lost it), scan every map."""
+    def remove(self, cgroup_id: int, policy: BpfPolicy | None,
+               found: "FoundEntries | None" = None) -> None:
+        """Delete the skill; with no policy (an agent restart lost it), the
+        entries `scan()` found for it, else scan every map."""
         value = self.maps["skills"].lookup(skill_key(cgroup_id))
         self.maps["skills"].delete(skill_key(cgroup_id))
         if value is not None and SKILL.unpack(value)[1]:
             self._release_prefixes(SKILL.unpack(value)[1])
         if policy is not None:
             for name, key, _ in self.entries(cgroup_id, policy):
+                self.maps[name].delete(key)
+            return
+        if found is not None:
+            for name, key in found.keys:
                 self.maps[name].delete(key)
             return
         for name in ("allow4", "allow6", "ports"):
@@ -238,30 +252,40 @@ class PolicyMaps:
 
     def net_entries(self, cgroup_id: int):
         """(net4, net6) NetEntry tuples of a skill, read back from the maps."""
+        found = self.scan({cgroup_id}).get(cgroup_id)
+        return (found.net4, found.net6) if found else ((), ())
+
+    def scan(self, cgroup_ids: set[int]) -> dict[int, "FoundEntries"]:
+        """The network entries of these skills, read back from the maps in one
+        pass over each map (an agent restart: their policies are not known)."""
         from agent.compile.bpf_policy import NetEntry
 
-        ports: dict[int, list[int]] = {}
+        ports: dict[tuple[int, int], list[int]] = {}
+        found = {cg: FoundEntries() for cg in cgroup_ids}
         for key in self.maps["ports"].keys():
             cg, net_id, port = PORT_KEY.unpack(key)
-            if cg == cgroup_id:
-                ports.setdefault(net_id, []).append(port)
-        out = {}
+            if cg in found:
+                ports.setdefault((cg, net_id), []).append(port)
+                found[cg].keys.append(("ports", key))
         for name, cls in (("allow4", ipaddress.IPv4Network), ("allow6", ipaddress.IPv6Network)):
-            entries = []
             rmap = self.maps[name]
             for key in rmap.keys():
                 prefixlen, cg = struct.unpack_from("<IQ", key)
-                if cg != cgroup_id:
+                if cg not in found:
                     continue
+                found[cg].keys.append((name, key))
                 value = rmap.lookup(key)
                 if value is None:
                     continue
                 net_id, any_port = NET_VALUE.unpack(value)
                 net = cls((key[12:], prefixlen - 64))
-                entries.append(NetEntry(net, net_id, bool(any_port),
-                                        () if any_port else tuple(sorted(ports.get(net_id, [])))))
-            out[name] = tuple(entries)
-        return out["allow4"], out["allow6"]
+                entry = NetEntry(net, net_id, bool(any_port),
+                                 () if any_port else tuple(sorted(ports.get((cg, net_id), []))))
+                if name == "allow4":
+                    found[cg].net4 += (entry,)
+                else:
+                    found[cg].net6 += (entry,)
+        return found
 
     def skills(self) -> dict[int, int]:
         """cgroup id -> flags of every skill in the map."""

@@ -152,6 +152,19 @@ def _mkdir_path(mount: str, parts: tuple[str, ...], controller: str,
                 created: list[str]) -> str:
     """mkdir every level under `mount`, appending new ones to `created`.
     The leaf must be new: an instance name is unique per launch."""
+    # The parents usually exist (an earlier instance made them): try the leaf
+    # alone first, one mkdir instead of one per level.
+    leaf = os.path.join(mount, *parts)
+    try:
+        os.mkdir(leaf, 0o755)
+        created.append(leaf)
+        return leaf
+    except FileExistsError:
+        raise CgroupError(controller, f"{leaf} already exists") from None
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise CgroupError(controller, f"mkdir {leaf}: {e.strerror}") from e
     # A concurrent remove() of a sibling instance may rmdir a shared parent
     # between our mkdir of it and of its child: start over on ENOENT.
     for _ in range(5):

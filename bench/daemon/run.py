@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """bench/daemon: the daemon under load, side by side with its targets.
 
+0. JSON-RPC on its own: round trips of requests that do no kernel work,
+   with the daemon's CPU time per request.
 1. register: 1,000 live processes (`sleep`) registered one after another
    through the socket; registrations/s and p50/p99 latency (client view,
-   request written to reply read), with 1,000 skills live at the end.
+   request written to reply read), with 1,000 skills live at the end; then
+   1,000 more from 4 connections at once; the daemon's CPU per registration.
 2. daemon RSS with those 1,000 registered skills live.
 3. pipeline: violation events/s through `Pipeline.publish` (JSON-lines log
    to a file, Prometheus counters, one `events` subscriber), with the
@@ -13,7 +16,8 @@
    and firejail, medians of the same number of runs, interleaved.
 
 Run as root with the venv python: `.venv/bin/python bench/daemon/run.py`
-(`--skills N`, `--launches N`, `--events N` to scale).
+(`--skills N`, `--concurrent N`, `--clients N`, `--launches N`, `--events N`
+to scale; `--skip launch,pipeline` to leave parts out).
 """
 from __future__ import annotations
 
@@ -45,37 +49,81 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def bench_register(daemon, count: int) -> dict:
-    from agent.client import Client
+REGISTER_MANIFEST = ("name: bench-reg\nversion: '1'\npermissions:\n  tcp:\n"
+                     "    allowlist: ['127.0.0.1:9']\n")
 
-    manifest = ("name: bench-reg\nversion: '1'\npermissions:\n  tcp:\n"
-                "    allowlist: ['127.0.0.1:9']\n")
-    sleepers = [subprocess.Popen(["sleep", "600"]) for _ in range(count)]
-    latencies, ids = [], []
-    failure = None
-    from agent.client import RpcError
 
+def cpu_ns(pid: int) -> int:
+    """CPU time the process has run, in ns (first field of /proc/PID/schedstat)."""
+    with open(f"/proc/{pid}/schedstat") as fh:
+        return int(fh.read().split()[0])
+
+
+def register_one(client, pid: int) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    reply = client.call("register", {"pids": [pid], "manifest": REGISTER_MANIFEST})
+    return time.perf_counter() - t0, reply["id"]
+
+
+def bench_register(daemon, count: int, concurrent_count: int, clients: int) -> dict:
+    """`count` registrations one after another over one connection, then
+    `concurrent_count` more from `clients` connections at once (threads of
+    this process) on top of the `count` live ones. Client view: request
+    written to reply read. The daemon's CPU time is read around each phase."""
+    import threading
+
+    from agent.client import Client, RpcError
+
+    sleepers = [subprocess.Popen(["sleep", "600"]) for _ in range(count + concurrent_count)]
+    out = {"failure": None}
     try:
-        rss_before = rss_mib(daemon.proc.pid)
+        out["rss_before"] = rss_mib(daemon.proc.pid)
+        latencies, ids = [], []
         with Client(daemon.socket, timeout=60) as client:
-            start = time.perf_counter()
-            for proc in sleepers:
-                t0 = time.perf_counter()
+            register_one(client, sleepers[0].pid)  # warm: the first of a manifest compiles it
+            cpu0, start = cpu_ns(daemon.proc.pid), time.perf_counter()
+            for proc in sleepers[1:count]:
                 try:
-                    reply = client.call("register", {"pids": [proc.pid], "manifest": manifest})
+                    latency, skill_id = register_one(client, proc.pid)
                 except RpcError as exc:
-                    failure = f"registration {len(ids) + 1} refused: {exc.message}"
+                    out["failure"] = f"registration {len(ids) + 2} refused: {exc.message}"
                     break
-                latencies.append(time.perf_counter() - t0)
-                ids.append(reply["id"])
-            elapsed = time.perf_counter() - start
-            live = len(client.call("list")["skills"])
-        rss_after = rss_mib(daemon.proc.pid)
-        count = len(ids)
-        return {"failure": failure, "count": count, "per_s": count / elapsed, "p50": percentile(latencies, 50),
-                "p99": percentile(latencies, 99), "max": max(latencies), "live": live,
-                "rss_before": rss_before, "rss_after": rss_after,
-                "last_100_p99": percentile(latencies[-100:], 99)}
+                latencies.append(latency)
+                ids.append(skill_id)
+            elapsed, cpu1 = time.perf_counter() - start, cpu_ns(daemon.proc.pid)
+        out["sequential"] = summary(latencies, elapsed, cpu1 - cpu0)
+        out["rss_after"] = rss_mib(daemon.proc.pid)
+
+        batches = [sleepers[count + i::clients] for i in range(clients)]
+        results: list[list[float]] = [[] for _ in range(clients)]
+        failures: list[str] = []
+        go = threading.Barrier(clients + 1)
+
+        def worker(index: int) -> None:
+            with Client(daemon.socket, timeout=60) as client:
+                go.wait()
+                for proc in batches[index]:
+                    try:
+                        results[index].append(register_one(client, proc.pid)[0])
+                    except RpcError as exc:
+                        failures.append(exc.message)
+                        return
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+        for thread in threads:
+            thread.start()
+        go.wait()
+        cpu0, start = cpu_ns(daemon.proc.pid), time.perf_counter()
+        for thread in threads:
+            thread.join()
+        elapsed, cpu1 = time.perf_counter() - start, cpu_ns(daemon.proc.pid)
+        out["concurrent"] = summary([x for r in results for x in r], elapsed, cpu1 - cpu0)
+        out["clients"] = clients
+        if failures:
+            out["failure"] = f"concurrent registration refused: {failures[0]}"
+        with Client(daemon.socket) as client:
+            out["live"] = len(client.call("list")["skills"])
+        return out
     finally:
         for proc in sleepers:
             proc.kill()
@@ -90,6 +138,44 @@ def bench_register(daemon, count: int) -> dict:
                 if not client.call("list")["skills"]:
                     break
             time.sleep(0.2)
+
+
+def summary(latencies: list[float], elapsed: float, cpu: int) -> dict:
+    n = len(latencies)
+    if not n:
+        return {"count": 0, "per_s": 0.0, "p50": 0.0, "p99": 0.0, "max": 0.0, "last_100_p99": 0.0,
+                "cpu_ms": 0.0}
+    return {"count": n, "per_s": n / elapsed, "p50": percentile(latencies, 50),
+            "p99": percentile(latencies, 99), "max": max(latencies),
+            "last_100_p99": percentile(latencies[-100:], 99), "cpu_ms": cpu / n / 1e6}
+
+
+def bench_rpc(daemon, count: int) -> dict:
+    """The daemon's JSON-RPC cost on its own: round trips of requests that do
+    no kernel work (client view, and the daemon's CPU time per request)."""
+    from agent.client import Client, RpcError
+
+    cases = {
+        "list (no match)": ("list", {"skill": "no-such-skill"}),
+        "register, refused before attach (no such pid)": ("register", {"pids": [2 ** 22 + 1],
+                                                                       "manifest": REGISTER_MANIFEST}),
+    }
+    out = {}
+    with Client(daemon.socket, timeout=60) as client:
+        for label, (method, params) in cases.items():
+            latencies = []
+            cpu0 = cpu_ns(daemon.proc.pid)
+            for _ in range(count):
+                t0 = time.perf_counter()
+                try:
+                    client.call(method, params)
+                except RpcError:
+                    pass
+                latencies.append(time.perf_counter() - t0)
+            cpu1 = cpu_ns(daemon.proc.pid)
+            out[label] = {"p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
+                          "cpu_us": (cpu1 - cpu0) / count / 1e3}
+    return out
 
 
 def bench_pipeline(count: int, rate_limit: int) -> dict:
@@ -168,9 +254,15 @@ def bench_launch(daemon, runs: int) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--skills", type=int, default=1000)
+    parser.add_argument("--concurrent", type=int, default=1000,
+                        help="registrations made from --clients connections at once after --skills")
+    parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--launches", type=int, default=15)
     parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--rpc", type=int, default=2000, help="round trips per JSON-RPC case")
+    parser.add_argument("--skip", default="", help="comma-separated parts to leave out: launch, pipeline")
     args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
     if os.geteuid() != 0:
         print("bench/daemon: needs root", file=sys.stderr)
         return 1
@@ -178,45 +270,59 @@ def main() -> int:
 
     root = make_root()
     daemon = DaemonProcess(root, config_extra="max_clients: 4096\n")
-    print(f"bench/daemon: {os.cpu_count()} CPUs, kernel {os.uname().release}")
+    print(f"bench/daemon: {os.cpu_count()} CPUs, kernel {os.uname().release}, "
+          f"load average {os.getloadavg()[0]:.2f} at start")
     try:
         daemon.start()
         register_ok = daemon.call("status")["register"] == "available"
-        reg = bench_register(daemon, args.skills) if register_ok else None
-        launch = bench_launch(daemon, args.launches)
+        rpc = bench_rpc(daemon, args.rpc)
+        reg = bench_register(daemon, args.skills, args.concurrent, args.clients) if register_ok else None
+        launch = bench_launch(daemon, args.launches) if "launch" not in skip else {}
     finally:
         daemon.stop()
         daemon.end_supervisors()
         daemon.unload_hooks()
         remove_root(root)
-    pipe_all = bench_pipeline(args.events, rate_limit=10 ** 9)
-    pipe_default = bench_pipeline(args.events, rate_limit=1000)
+    pipes = [] if "pipeline" in skip else [
+        ("no rate limit", bench_pipeline(args.events, rate_limit=10 ** 9)),
+        ("default rate limit 1000/s/skill", bench_pipeline(args.events, rate_limit=1000))]
 
+    print(f"(load average {os.getloadavg()[0]:.2f} at the end)")
     print()
+    print("JSON-RPC on its own (one connection, no kernel work):")
+    for label, r in rpc.items():
+        print(f"  {label:48s} p50 {r['p50'] * 1e3:5.2f} ms  p99 {r['p99'] * 1e3:5.2f} ms  "
+              f"daemon CPU {r['cpu_us']:5.0f} us/request")
     if reg:
         if reg["failure"]:
             print(f"register: STOPPED EARLY: {reg['failure']}")
-        print(f"register, {reg['count']} processes one after another ({reg['live']} live at the end):")
-        print(f"  {reg['per_s']:8.0f} registrations/s   (target >= 1000: {reg['per_s'] / 1000:.2f}x of target)")
-        print(f"  p50 {reg['p50'] * 1e3:6.2f} ms  p99 {reg['p99'] * 1e3:6.2f} ms  max {reg['max'] * 1e3:6.2f} ms"
-              f"   (target p99 <= 5 ms: {reg['p99'] * 1e3 / 5:.2f}x of target)")
-        print(f"  p99 of the last 100 registrations ({reg['count'] - 100}+ live): "
-              f"{reg['last_100_p99'] * 1e3:6.2f} ms")
+        for key, label in (("sequential", f"{args.skills - 1} registrations one after another, one connection"),
+                           ("concurrent", f"{args.concurrent} registrations from {args.clients} connections at "
+                                          f"once, {args.skills}+ live")):
+            r = reg[key]
+            print(f"register, {label}:")
+            print(f"  {r['per_s']:8.0f} registrations/s   (target >= 1000: {r['per_s'] / 1000:.2f}x of target)")
+            print(f"  p50 {r['p50'] * 1e3:6.2f} ms  p99 {r['p99'] * 1e3:6.2f} ms  max {r['max'] * 1e3:6.2f} ms"
+                  f"   (target p99 <= 5 ms: {r['p99'] * 1e3 / 5:.2f}x of target)")
+            print(f"  p99 of the last 100: {r['last_100_p99'] * 1e3:6.2f} ms; daemon CPU "
+                  f"{r['cpu_ms']:.2f} ms per registration")
+        print(f"  {reg['live']} skills live at the end")
         print(f"daemon RSS: {reg['rss_before']:.1f} MiB idle, {reg['rss_after']:.1f} MiB with "
-              f"{reg['live']} registered skills   (target <= 150 MiB: {reg['rss_after'] / 150:.2f}x of target)")
+              f"{args.skills} registered skills   (target <= 150 MiB: {reg['rss_after'] / 150:.2f}x of target)")
     else:
         print("register: unavailable (eBPF hooks did not load); skipped")
-    for label, p in (("no rate limit", pipe_all), ("default rate limit 1000/s/skill", pipe_default)):
+    for label, p in pipes:
         print(f"pipeline, {p['count']} events over 50 skills, {label}:")
         print(f"  {p['per_s']:10.0f} events/s   (target >= 100000: {p['per_s'] / 100000:.2f}x of target)")
         print(f"  logged {p['logged']} + suppressed {p['suppressed']} = ingested {p['ingested']}; "
               f"streamed {p['delivered']} + lost {p['lost']}: {'balanced' if p['balanced'] else 'NOT BALANCED'}")
     base = launch.get("bubblewrap")
-    print(f"launch of /bin/true, median of {args.launches}, wall time:")
+    if launch:
+        print(f"launch of /bin/true, median of {args.launches}, wall time:")
     for name, value in launch.items():
         ratio = f"{value / base:5.2f}x bubblewrap" if base else ""
         print(f"  {name:28s} {value * 1e3:8.2f} ms  {ratio}")
-    if base:
+    if base and launch:
         sg = launch["skillguard launch (socket)"]
         print(f"  (target: within 2x of bubblewrap: {sg / base:.2f}x)")
     return 0

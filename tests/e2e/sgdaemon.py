@@ -140,21 +140,24 @@ class DaemonProcess:
     def end_supervisors(self) -> None:
         """SIGKILL every supervisor this state root's launches recorded (their
         skills die with them: PR_SET_PDEATHSIG)."""
-        registry = self.state / "registry"
         pids = set(self.pids_seen)
-        if registry.is_dir():
-            for path in registry.glob("*.json"):
-                try:
-                    record = json.loads(path.read_text())["record"]
-                except (OSError, ValueError, KeyError):
-                    continue
-                if record.get("supervisor_pid"):
-                    pids.add(record["supervisor_pid"])
+        for record in self.registry_records():
+            if record.get("supervisor_pid"):
+                pids.add(record["supervisor_pid"])
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+
+    def registry_records(self) -> list[dict]:
+        """The live records in this daemon's registry journal (read only)."""
+        from agent.daemon.registry import read_records
+
+        try:
+            return read_records(str(self.state))
+        except (OSError, ValueError):
+            return []
 
     def tear_down(self) -> None:
         """Stop the daemon (if it still runs), end its supervisors, unload its

@@ -228,8 +228,7 @@ def test_launch_refuses_unsigned_tampered_untrusted_and_inline(daemon):
     error = rpc_error(daemon, "launch", {"package": str(daemon.root / "no-such-package"), "argv": ["/bin/true"]})
     assert error.code == -32009 and error.data["reason"] == "invalid-package"
     assert live_ids(daemon) == before
-    assert not any(p.name.startswith("l-") for p in (daemon.state / "registry").glob("*.json")
-                   if p.stem not in before)
+    assert not any(r["id"].startswith("l-") for r in daemon.registry_records() if r["id"] not in before)
 
 
 class Sleeper:

@@ -266,8 +266,11 @@ def test_sigkill_of_the_daemon_during_activity_and_readoption(servers):
         assert target.ask(op="tcp", port=allowed.port) == {"ok": "hi"}
         stream.close()
         partial.close()
-        # A record torn by the crash (simulated) is reported, not trusted.
-        (d.state / "registry" / "l-torn.json").write_text('{"format": 1, "sha256": "00", "rec')
+        # A journal line torn by the crash (simulated) is reported, not trusted.
+        journal = d.state / "registry" / "journal"
+        torn_line = len(journal.read_bytes().splitlines()) + 1
+        with open(journal, "ab") as fh:
+            fh.write(b'{"format":1,"op":"put","sha256":"00","rec')
 
         d2 = DaemonProcess(root)
         d2.start()
@@ -278,7 +281,7 @@ def test_sigkill_of_the_daemon_during_activity_and_readoption(servers):
                 assert listed[reply["id"]]["adopted"] and listed[reply["id"]]["state"] == "running"
             assert listed[reg["id"]]["adopted"] and listed[reg["id"]]["pids"] == [target.pid]
             status = d2.call("status")
-            assert [p["file"] for p in status["registry_problems"]] == ["l-torn.json"]
+            assert [p["file"] for p in status["registry_problems"]] == [f"journal line {torn_line}"]
             assert d2.metric("skillguard_registry_corrupt_records_total") == 1
             assert d2.metric("skillguard_readoptions_total", outcome="adopted") == 3
             # Still confined, and the supervisors' events reach the new daemon.

@@ -28,7 +28,7 @@ from tests.kernel import netlab
 
 pytestmark = pytest.mark.root
 
-WWW, OTHER, V6, DNS = netlab.WWW, netlab.OTHER, netlab.V6, netlab.DNS_SERVER
+WWW, WWW2, OTHER, V6, DNS = netlab.WWW, netlab.WWW2, netlab.OTHER, netlab.V6, netlab.DNS_SERVER
 TAG = f"{os.getpid()}"
 PIN_DIR = f"/sys/fs/bpf/sgt-attach-{TAG}"
 SUBTREE = f"sgt-attach-{TAG}"
@@ -304,22 +304,38 @@ def test_dns_only_to_the_resolver_for_named_hosts(hooks, events, target, tmp_pat
 
 def test_nftables_layer_rejects_on_its_own(hooks, target, tmp_path):
     """Take the BPF verdict out of the way (skill entry removed from the map):
-    the socket cgroupv2 chain alone still rejects ungranted destinations."""
+    the socket cgroupv2 chain alone still rejects ungranted destinations.
+    Exact grants live in hash sets written over netlink, prefix and any-port
+    grants in interval sets written by libnftables: both are checked."""
     from agent.enforce.bpf_maps import skill_key
 
     t = target()
-    attachment = hooks.attach(manifest(tmp_path), [t.pid])
+    other = target()
+    # WWW2 is in the /28 (inside the /24), V6 in the /64: nested prefixes in the interval sets
+    prefixes = ', "198.51.100.16/28:*", "198.51.100.0/24:8082", "[2001:db8::/64]:8081"'
+    attachment = hooks.attach(manifest(tmp_path, extra=prefixes), [t.pid])
+    bystander = hooks.attach(manifest(tmp_path), [other.pid])  # a second skill's elements stay apart
     try:
         saved = hooks.maps.maps["skills"].lookup(skill_key(attachment.cgroup_id))
         hooks.maps.maps["skills"].delete(skill_key(attachment.cgroup_id))
         try:
-            assert _ok(t.tcp(WWW, 8080))
-            assert t.tcp(WWW, 8081) == {"errno": 113}  # EHOSTUNREACH: icmpx admin-prohibited
-            assert hooks.counters(attachment.skill_id)["nft_rejected_all_skills"] >= 1
+            assert _ok(t.tcp(WWW, 8080))                 # exact (hash set)
+            assert t.tcp(WWW, 8081) == {"errno": 113}    # EHOSTUNREACH: icmpx admin-prohibited
+            assert _ok(t.tcp(WWW2, 8081))                # prefix, any port (interval set)
+            assert _ok(t.tcp(V6, 8080))                  # exact IPv6
+            assert _ok(t.tcp(V6, 8081))                  # IPv6 prefix
+            assert t.tcp(OTHER, 8080) == {"errno": 113}
+            assert hooks.counters(attachment.skill_id)["nft_rejected_all_skills"] >= 2
         finally:
             hooks.maps.maps["skills"].update(skill_key(attachment.cgroup_id), saved)
     finally:
         hooks.detach(attachment.skill_id)
+    try:
+        assert _ok(t.tcp(WWW, 8081))                     # its elements are gone with it
+        assert hooks.nft.exists()                        # the other skill keeps the table
+    finally:
+        hooks.detach(bystander.skill_id)
+    assert not hooks.nft.exists()                        # the last skill takes it away
 
 
 # ------------------------------------------------------------------ processes

@@ -163,22 +163,70 @@ def test_nft_commands_for_a_skill():
                   '"www.example.test:443"]\n')
     path = "unified/skillguard/t/i"
     text = skill_commands("sg", path, bp.flags, bp.net4, bp.net6).splitlines()
-    assert text[0] == 'add element inet sg allow4 { "unified/skillguard/t/i" . 198.51.100.7 . 8080 }'
+    # one address and one port: a hash set; prefixes and any port: an interval set
+    assert text[0] == 'add element inet sg allow4x { "unified/skillguard/t/i" . 198.51.100.7 . 8080 }'
     assert text[1] == 'add element inet sg allow6 { "unified/skillguard/t/i" . 2001:db8::/32 . 1-65535 }'
     assert text[2] == 'add element inet sg dns { "unified/skillguard/t/i" }'
     assert text[-1] == 'add element inet sg members { "unified/skillguard/t/i" }'  # membership last
     gone = skill_commands("sg", path, bp.flags, bp.net4, bp.net6, delete=True).splitlines()
     assert gone[0] == 'delete element inet sg members { "unified/skillguard/t/i" }'  # and first out
+    assert gone[1] == 'delete element inet sg allow4x { "unified/skillguard/t/i" . 198.51.100.7 . 8080 }'
     # nftables 1.0.6 deletes from concatenated interval sets only in explicit range form
-    assert gone[1] == ('delete element inet sg allow4 { "unified/skillguard/t/i" . '
-                       '198.51.100.7-198.51.100.7 . 8080-8080 }')
+    assert gone[2] == ('delete element inet sg allow6 { "unified/skillguard/t/i" . '
+                       '2001:db8::-2001:db8:ffff:ffff:ffff:ffff:ffff:ffff . 1-65535 }')
     audit = compiled("", mode="audit")
     assert 'add element inet sg audit { "p" }' in skill_commands("sg", "p", audit.flags, (), ())
     table = table_commands("sg", 3, ["198.51.100.53", "2001:db8::53"])
     assert "add rule inet sg output socket cgroupv2 level 3 @members goto confined" in table
+    assert "add rule inet sg confined meta l4proto tcp socket cgroupv2 level 3 . ip daddr . tcp dport " \
+           "@allow4x accept" in table
     assert "ip daddr { 198.51.100.53 } udp dport 53 accept" in table
     assert "ip6 daddr { 2001:db8::53 } tcp dport 53 accept" in table
     assert table.splitlines()[-1].endswith("reject with icmpx admin-prohibited")
+
+
+def test_nft_hash_set_changes_and_their_netlink_batch():
+    import ipaddress
+    import struct
+
+    from agent.attach.nft_cgroup import hash_changes, ranged_grants
+    from agent.attach.nft_netlink import (NFT_MSG_DELSETELEM, NFT_MSG_NEWSETELEM, batch, grant_key,
+                                          parse_acks)
+
+    bp = compiled('permissions:\n  tcp:\n    allowlist: ["198.51.100.7:8080", "[2001:db8::/32]:*", '
+                  '"www.example.test:443"]\n')
+    added = hash_changes(77, bp.flags, bp.net4, bp.net6)
+    assert [(op, name) for op, name, keys in added if keys] == [
+        (NFT_MSG_NEWSETELEM, "allow4x"), (NFT_MSG_NEWSETELEM, "allow6"), (NFT_MSG_NEWSETELEM, "dns"),
+        (NFT_MSG_NEWSETELEM, "members")]
+    start, end = added[3][2][0]  # allow6: the prefix and every port, as first and last key
+    assert start == struct.pack(">Q", 77) + ipaddress.ip_address("2001:db8::").packed + b"\0\x01\0\0"
+    assert end == struct.pack(">Q", 77) + ipaddress.ip_address("2001:db8:ffff:ffff:ffff:ffff:ffff:ffff"
+                                                               ).packed + b"\xff\xff\0\0"
+    assert added[0][2] == [struct.pack("=Q", 77) + bytes([198, 51, 100, 7]) + b"\x1f\x90\0\0"]
+    assert grant_key(1, ipaddress.ip_address("2001:db8::1"), 53)[8:] == \
+        ipaddress.ip_address("2001:db8::1").packed + b"\0\x35\0\0"
+    removed = hash_changes(77, bp.flags, bp.net4, bp.net6, delete=True)
+    assert removed[0] == (NFT_MSG_DELSETELEM, "members", [struct.pack("=Q", 77)])  # membership first out
+    # Nested prefixes: the compiler gives the narrower one the wider one's ports;
+    # the kernel refuses overlapping interval elements, so covered ones are left out.
+    nested = compiled('permissions:\n  tcp:\n    allowlist: ["10.0.0.0/8:443", "10.1.0.0/16:80", '
+                      '"10.2.0.0/16:*", "10.0.0.0/8:*"]\n')
+    assert ranged_grants(nested.net4) == [(ipaddress.ip_network("10.0.0.0/8"), 1, 65535)]
+    nested = compiled('permissions:\n  tcp:\n    allowlist: ["10.0.0.0/8:443", "10.1.0.0/16:80"]\n')
+    assert sorted(ranged_grants(nested.net4)) == [(ipaddress.ip_network("10.0.0.0/8"), 443, 443),
+                                                   (ipaddress.ip_network("10.1.0.0/16"), 80, 80)]
+    data, acked = batch(added, "sg", 10)
+    assert acked == [11, 12, 13, 14, 15, 16, 17]  # begin is 10, end 18
+    # Walk the nlmsghdrs: begin, one NEWSETELEM per change, end.
+    kinds, offset = [], 0
+    while offset < len(data):
+        length, kind = struct.unpack_from("=IH", data, offset)
+        kinds.append(kind)
+        offset += (length + 3) & ~3
+    assert kinds == [0x10] + [(10 << 8) | NFT_MSG_NEWSETELEM] * 7 + [0x11]
+    ack = struct.pack("=IHHII", 36, 2, 0, 12, 0) + struct.pack("=i", -17) + b"\0" * 16
+    assert parse_acks(ack) == {12: -17}
 
 
 def test_on_violation_field():
