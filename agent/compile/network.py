@@ -18,7 +18,8 @@ tcp_v4_err() only records a soft error, so connect() fails only after the
 first SYN retransmit (1 s), and after ~50 rejects the ICMP rate limit
 (icmp_msgs_burst) delays it further. Other protocols get ICMP
 admin-prohibited; the local send fails with EPERM (NF_DROP in LOCAL_OUT).
-Checked by tests/kernel/test_nft_ruleset.py and test_network_launch.py.
+The table is stateless (see nft_ruleset). Checked by
+tests/kernel/test_nft_ruleset.py and test_network_launch.py.
 """
 from __future__ import annotations
 
@@ -139,6 +140,15 @@ def _rule(chain: str, *expr: dict, comment: Optional[str] = None) -> dict:
     return {"rule": body}
 
 
+# Any TCP segment but a connection opening (SYN set, ACK clear).
+_NOT_SYN = {"match": {"op": "!=", "left": {"&": [{"payload": {"protocol": "tcp", "field": "flags"}},
+                                                  ["syn", "ack"]]},
+                      "right": "syn"}}
+ICMP_ERRORS = ("destination-unreachable", "time-exceeded", "parameter-problem")
+ICMPV6_ERRORS = ("destination-unreachable", "packet-too-big", "time-exceeded", "parameter-problem")
+NEIGHBOUR_DISCOVERY = ("nd-neighbor-solicit", "nd-neighbor-advert")
+
+
 def _daddr_dport(proto: str, l4: str) -> dict:
     return {"concat": [{"payload": {"protocol": proto, "field": "daddr"}},
                        {"payload": {"protocol": l4, "field": "dport"}}]}
@@ -172,8 +182,21 @@ def nft_ruleset(plan: NetworkPlan, *, resolver4: str = DEFAULT_RESOLVER4,
     None logs to the kernel log instead, which a non-initial namespace only
     does when net.netfilter.nf_log_all_netns is set (nf_log_syslog.c).
 
-    Rule order follows the packets: established traffic is accepted by the
-    first rule, a new granted TCP connection by the third or fourth.
+    Stateless: no `ct` expression, so connection tracking is never switched
+    on in the skill's namespace (nf_ct_netns_get() is only called for ct and
+    nat expressions), which saves its cost on every packet. TCP is checked
+    where a connection opens: a SYN without ACK must match a grant, other
+    segments pass, because the only way to send a TCP segment without raw
+    sockets (CAP_NET_RAW) or repair mode (CAP_NET_ADMIN), neither of which
+    a skill has, is the kernel's own stack, which sends the later segments
+    of a connection only to the peer its SYN went to. A source route would
+    send them to another first hop (an IPv6 routing header is settable
+    without privilege; IPv4 source routes need CAP_NET_RAW), so only
+    segments without IPv4 options or IPv6 extension headers pass unchecked;
+    the others are checked like a SYN. UDP is checked on every datagram;
+    the input chain drops every inbound SYN (nothing connects into a skill)
+    and all UDP but the resolver's. docs/threat-model.md has the argument
+    and the tests that back it.
     """
     import ipaddress
 
@@ -198,18 +221,17 @@ def nft_ruleset(plan: NetworkPlan, *, resolver4: str = DEFAULT_RESOLVER4,
         {"counter": {"family": "inet", "table": TABLE, "name": "accepted"}},
         {"counter": {"family": "inet", "table": TABLE, "name": "dropped"}},
     ]
-    # Neighbour discovery must pass both ways or IPv6 never reaches the veth.
-    nd = _match({"payload": {"protocol": "icmpv6", "field": "type"}},
-                {"set": ["nd-neighbor-solicit", "nd-neighbor-advert"]})
     for chain, hook in (("output", "output"), ("input", "input")):
         cmds.append({"chain": {"family": "inet", "table": TABLE, "name": chain, "type": "filter",
                                "hook": hook, "prio": 0, "policy": "drop"}})
-        cmds.append(_rule(chain, _match({"ct": {"key": "state"}}, {"set": ["established", "related"]}),
+        cmds.append(_rule(chain, _match({"meta": {"key": "oif" if chain == "output" else "iif"}}, "lo"),
                           accept))
-        cmds.append(_rule(chain, _match({"meta": {"key": "oifname" if chain == "output" else "iifname"}}, "lo"),
-                          accept))
-        if chain == "input":
-            cmds.append(_rule(chain, nd, accept))
+        # Not a connection opening: a later segment of a connection, a reply,
+        # or the kernel's reset to a stray segment. IPv4 without options and
+        # IPv6 without extension headers only (see the doc above).
+        for plain in (_match({"payload": {"protocol": "ip", "field": "hdrlength"}}, 5),
+                      _match({"payload": {"protocol": "ip6", "field": "nexthdr"}}, "tcp")):
+            cmds.append(_rule(chain, plain, _NOT_SYN, accept))
     for proto, setname in (("ip", "allow4"), ("ip6", "allow6")):
         cmds.append(_rule("output", _match(_daddr_dport(proto, "tcp"), f"@{setname}"),
                           {"counter": "accepted"}, accept))
@@ -223,7 +245,17 @@ def nft_ruleset(plan: NetworkPlan, *, resolver4: str = DEFAULT_RESOLVER4,
             cmds.append(_rule("output", _match({"payload": {"protocol": "ip", "field": "daddr"}}, resolver4),
                               _match({"payload": {"protocol": l4, "field": "dport"}}, 53),
                               accept, comment="DNS to the agent's resolver only"))
-    cmds.append(_rule("output", nd, accept))
+        cmds.append(_rule("input", _match({"payload": {"protocol": "ip", "field": "saddr"}}, resolver4),
+                          _match({"payload": {"protocol": "udp", "field": "sport"}}, 53), accept))
+    # ICMP errors: the kernel sends them only about packets it received (the
+    # skill cannot open raw or ping sockets), and receives them about its
+    # own (path MTU, unreachable). Neighbour discovery passes both ways, or
+    # IPv6 never reaches the veth.
+    for chain in ("output", "input"):
+        cmds.append(_rule(chain, _match({"payload": {"protocol": "icmp", "field": "type"}},
+                                        {"set": list(ICMP_ERRORS)}), accept))
+        cmds.append(_rule(chain, _match({"payload": {"protocol": "icmpv6", "field": "type"}},
+                                        {"set": list(ICMPV6_ERRORS + NEIGHBOUR_DISCOVERY)}), accept))
     # The kernel's own router solicitations and MLD reports: not the skill's doing.
     cmds.append(_rule("output", _match({"payload": {"protocol": "icmpv6", "field": "type"}},
                                        {"set": ["nd-router-solicit", "mld-listener-report",

@@ -9,13 +9,17 @@ Sequence (supervisor side, agent/launch/supervisor.py):
               free /30 of the pool (probing the addresses the host has, so a
               dead launch's slot is free again once its veth is gone), create
               veth `sgv<slot>` with its peer `eth0` made directly inside the
-              child's namespace, address both ends (plus the IPv6 twin from
-              POOL6 and the resolver address 169.254.53.53 on the host end),
-              make sure the shared host table `inet skillguard_nat` exists;
-              then, inside the namespace: routes, the skill's nftables table
-              (agent/compile/network.py) and an NFLOG socket; outside: the DNS
-              stub bound to the veth. The child is then told to go on.
-    close():  drain NFLOG, read counters, delete the veth.
+              child's namespace, then in one batch of rtnetlink requests
+              each side: inside, eth0 up, its addresses and the default
+              routes; outside, the host end's addresses (plus the IPv6 twin
+              from POOL6 and the resolver address 169.254.53.53); make sure
+              the shared host table `inet skillguard_nat` is in place
+              (agent/net/hostnat.py, usually a generation check); then the
+              skill's nftables table (agent/compile/network.py) and an
+              NFLOG socket inside the namespace; outside, the DNS stub bound
+              to the veth. The child is then told to go on. The rtnetlink
+              messages are pyroute2's, sent in batches by agent/net/rtnl.py.
+    close():  drain NFLOG, read counters, close our references.
 
 Nothing per launch lives outside the skill's namespace except the host end
 of the veth, and deleting either end of a veth pair deletes both
@@ -27,6 +31,7 @@ host-side NAT is one table for the whole pool, created once and kept.
 A network namespace is per thread: `entered()` switches only the calling
 thread, and sockets (netlink, libnftables' context) stay in the namespace
 they were created in, so the handle keeps working from the host side.
+`attach()` records how long each step took in `timings` (bench/net).
 """
 from __future__ import annotations
 
@@ -41,14 +46,10 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from agent.enforce.libc import CLONE_NEWNET
+from agent.net.hostnat import NAT_TABLE, POOL6, VETH_PREFIX  # noqa: F401 - NAT_TABLE: for callers
 
 RESOLVER4 = "169.254.53.53"  # the DNS stub as every skill sees it (compile.network.DEFAULT_RESOLVER4)
-# IPv6 twin of the IPv4 pool: a /30 a.b.c.d/30 becomes POOL6::a.b.c.d/126 (ULA, RFC 4193).
-POOL6 = ipaddress.IPv6Network("fd53:6b67:7264::/96")
-NAT_TABLE = "skillguard_nat"
-VETH_PREFIX = "sgv"
 NFLOG_GROUP = 53  # one instance per namespace, so every skill can use the same group
-IFA_F_NODAD = 0x02  # include/uapi/linux/if_addr.h: no duplicate address detection
 
 
 class NetworkSetupError(RuntimeError):
@@ -69,7 +70,7 @@ class NetworkSpec:
 
 def plan_network(policy, host_config, state_root: str) -> NetworkSpec:
     from agent.compile.network import compile_network
-    from agent.net.dns_stub import TTL_CEILING, TTL_FLOOR, parse_upstreams, resolv_conf_upstreams
+    from agent.net.admit import TTL_CEILING, TTL_FLOOR
 
     plan = compile_network(policy)
     try:
@@ -80,6 +81,8 @@ def plan_network(policy, host_config, state_root: str) -> NetworkSpec:
         raise NetworkSetupError(f"address_pool {pool} holds no /30")
     upstreams: tuple = ()
     if plan.needs_dns:
+        from agent.net.dns_stub import parse_upstreams, resolv_conf_upstreams
+
         entries = host_config.dns_upstream or resolv_conf_upstreams()
         try:
             upstreams = parse_upstreams(entries)
@@ -144,15 +147,6 @@ def _slot_of(address: ipaddress.IPv4Address, pool: ipaddress.IPv4Network) -> Opt
     return (int(address) - int(pool.network_address)) // 4
 
 
-def _addresses(ipr) -> list[ipaddress._BaseAddress]:
-    out = []
-    for msg in ipr.get_addr():
-        value = msg.get_attr("IFA_ADDRESS") or msg.get_attr("IFA_LOCAL")
-        if value:
-            out.append(ipaddress.ip_address(value.split("%")[0]))
-    return out
-
-
 @dataclass(frozen=True)
 class Slot:
     index: int
@@ -170,10 +164,11 @@ def _slot(pool: ipaddress.IPv4Network, index: int) -> Slot:
     return Slot(index, str(host4), str(skill4), six(host4), six(skill4), f"{VETH_PREFIX}{index}")
 
 
-def _create_veth(ipr, pool: ipaddress.IPv4Network, addresses, netns_fd: int) -> Slot:
+def _create_veth(host, pool: ipaddress.IPv4Network, addresses, netns_fd: int) -> tuple[Slot, int, int]:
     """The lowest /30 that no address of this host uses, as a veth pair whose
-    peer `eth0` is created inside the skill's namespace; both ends up."""
-    from pyroute2.netlink.exceptions import NetlinkError
+    peer `eth0` is created inside the skill's namespace. Returns the slot and
+    the ifindex of each end (ours, then the peer's inside the namespace)."""
+    from agent.net import rtnl
 
     used = {_slot_of(a, pool) for a in addresses if a.version == 4}
     for index in range(pool.num_addresses // 4):
@@ -181,70 +176,19 @@ def _create_veth(ipr, pool: ipaddress.IPv4Network, addresses, netns_fd: int) -> 
             continue
         slot = _slot(pool, index)
         try:
-            ipr.link("add", ifname=slot.device, kind="veth", state="up",
-                     peer={"ifname": "eth0", "net_ns_fd": netns_fd, "state": "up"})
-        except NetlinkError as exc:
-            if exc.code == errno.EEXIST:  # a veth of that name without addresses (yet): skip it
+            (echoed,) = host.run([(f"create veth {slot.device}", rtnl.new_veth(slot.device, "eth0", netns_fd))],
+                                 echo=True)
+        except rtnl.RtnlError as exc:
+            if exc.errno == errno.EEXIST:  # a veth of that name without addresses (yet): skip it
                 continue
             raise
-        return slot
+        # The kernel echoes the new link (NLM_F_ECHO, Linux 6.3+), whose
+        # IFLA_LINK is the peer's ifindex (veth_get_iflink); ask otherwise.
+        ours, peer = rtnl.parse_link(echoed[0]) if echoed else host.link_index(slot.device)
+        if peer is None:
+            raise NetworkSetupError(f"veth {slot.device}: the kernel did not say which index its peer has")
+        return slot, ours, peer
     raise NetworkSetupError(f"address pool {pool} is exhausted ({pool.num_addresses // 4} skills)")
-
-
-def host_nat_ruleset(pool: ipaddress.IPv4Network) -> dict:
-    """The shared host table: masquerade the pool; nothing starts a connection into a skill."""
-    t = {"family": "inet", "table": NAT_TABLE}
-    saddr = lambda proto, setname: {"match": {"op": "==", "left": {"payload": {"protocol": proto, "field": "saddr"}},
-                                              "right": f"@{setname}"}}
-    daddr_not = lambda proto, setname: {"match": {"op": "!=", "left": {"payload": {"protocol": proto, "field": "daddr"}},
-                                                  "right": f"@{setname}"}}
-    oif = {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": f"{VETH_PREFIX}*"}}
-    return {"nftables": [
-        {"add": {"table": {"family": "inet", "name": NAT_TABLE}}},
-        {"add": {"set": {**t, "name": "pool4", "type": "ipv4_addr", "flags": ["interval"]}}},
-        {"add": {"set": {**t, "name": "pool6", "type": "ipv6_addr", "flags": ["interval"]}}},
-        {"add": {"chain": {**t, "name": "postrouting", "type": "nat", "hook": "postrouting",
-                           "prio": 100, "policy": "accept"}}},
-        {"add": {"chain": {**t, "name": "forward", "type": "filter", "hook": "forward",
-                           "prio": 0, "policy": "accept"}}},
-        {"flush": {"chain": {**t, "name": "postrouting"}}},
-        {"flush": {"chain": {**t, "name": "forward"}}},
-        {"add": {"rule": {**t, "chain": "postrouting",
-                          "expr": [saddr("ip", "pool4"), daddr_not("ip", "pool4"), {"masquerade": None}]}}},
-        {"add": {"rule": {**t, "chain": "postrouting",
-                          "expr": [saddr("ip6", "pool6"), daddr_not("ip6", "pool6"), {"masquerade": None}]}}},
-        {"add": {"rule": {**t, "chain": "forward",
-                          "expr": [oif, {"match": {"op": "in", "left": {"ct": {"key": "state"}},
-                                                   "right": ["established", "related"]}}, {"accept": None}]}}},
-        {"add": {"rule": {**t, "chain": "forward", "expr": [oif, {"drop": None}],
-                          "comment": "no connection into a skill, not from the outside, not from another skill"}}},
-        {"add": {"element": {**t, "name": "pool4", "elem": [{"prefix": {"addr": str(pool.network_address),
-                                                                         "len": pool.prefixlen}}]}}},
-        {"add": {"element": {**t, "name": "pool6", "elem": [{"prefix": {"addr": str(POOL6.network_address),
-                                                                         "len": POOL6.prefixlen}}]}}},
-    ]}
-
-
-def _ensure_host_nat(pool: ipaddress.IPv4Network) -> None:
-    """Create or repair the shared host table; a no-op when it is in place.
-
-    Applying it is idempotent as one transaction (the chains are flushed and
-    refilled atomically, an element already in a set is a no-op, connections
-    already masqueraded keep their conntrack binding) but costs a commit of a
-    NAT chain (~15 ms here), so it is listed first (~2 ms).
-    """
-    from agent.enforce import nft
-
-    try:
-        items = nft.query({"list": {"table": {"family": "inet", "name": NAT_TABLE}}})
-    except nft.NftError:
-        items = []
-    rules = sum(1 for item in items if "rule" in item)
-    pool_elem = {"prefix": {"addr": str(pool.network_address), "len": pool.prefixlen}}
-    pools = [item["set"].get("elem", []) for item in items if "set" in item and item["set"]["name"] == "pool4"]
-    if rules == 4 and pools and pool_elem in pools[0]:
-        return
-    nft.apply(host_nat_ruleset(pool))
 
 
 def _enable_forwarding(note: Callable[[str], None]) -> None:
@@ -280,42 +224,61 @@ class NetnsHandle:
         self.logged_drops = 0  # packets NFLOG handed over (the kernel's limit may skip some)
         self.host_index: Optional[int] = None
         self.setup_seconds = 0.0
+        self.timings: dict[str, float] = {}  # ms per set-up step, for bench/net
+        self.nat_check = ""  # how the host NAT table was found: stamp, listed or applied
 
     # set-up
 
     def attach(self, pid: int) -> None:
-        from pyroute2 import IPRoute
-
         from agent.compile.network import nft_ruleset
         from agent.enforce import nft
+        from agent.net import rtnl
+        from agent.net.hostnat import ensure_host_nat
         from agent.net.nflog import NflogSocket
 
-        started = time.monotonic()
+        clock = time.perf_counter
+        started = last = clock()
+
+        def step(name: str) -> None:
+            nonlocal last
+            now = clock()
+            self.timings[name] = (now - last) * 1000
+            last = now
+
         spec = self.spec
         self.netns_fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         os.makedirs(os.path.dirname(spec.lock_path), exist_ok=True)
         lock = os.open(spec.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            with IPRoute() as ipr:
-                addresses = _addresses(ipr)
-                slot = _create_veth(ipr, spec.pool, addresses, self.netns_fd)
-                self.slot = slot
-                with entered(self.netns_fd), IPRoute() as inner:  # `lo` is the child's to bring up
-                    (eth0,) = inner.link("get", ifname="eth0")
-                    eth, index = eth0["index"], eth0.get_attr("IFLA_LINK")  # the peer: our end
-                    inner.addr("add", index=eth, address=slot.skill4, prefixlen=30)
-                    inner.addr("add", index=eth, address=slot.skill6, prefixlen=126, flags=IFA_F_NODAD)
-                    if not eth0["flags"] & 1:  # IFF_UP: the peer's flags at creation may be ignored
-                        inner.link("set", index=eth, state="up")
-                    inner.route("add", dst="0.0.0.0/0", gateway=slot.host4)
-                    inner.route("add", dst="::/0", gateway=slot.host6)
-                self.host_index = index
-                ipr.addr("add", index=index, address=slot.host4, prefixlen=30)
-                ipr.addr("add", index=index, address=RESOLVER4, prefixlen=32)
-                ipr.addr("add", index=index, address=slot.host6, prefixlen=126, flags=IFA_F_NODAD)
+            step("lock")
+            with rtnl.Rtnl() as host:
+                addresses = host.addresses()
+                step("list host addresses")
+                slot, index, peer = _create_veth(host, spec.pool, addresses, self.netns_fd)
+                self.slot, self.host_index = slot, index
+                step("veth")
+                # Sockets made inside the namespace act on it from anywhere
+                # (rtnetlink, libnftables' netlink socket, NFLOG).
+                with entered(self.netns_fd), rtnl.Rtnl() as inner:
+                    self.nft = nft.context()
+                    self.nflog = NflogSocket(NFLOG_GROUP)
+                    step("sockets in the namespace")
+                    # `lo` is the child's to bring up.
+                    inner.run([("eth0 up", rtnl.link_up(peer)),
+                               (f"address {slot.skill4}/30", rtnl.new_address(peer, slot.skill4, 30)),
+                               (f"address {slot.skill6}/126", rtnl.new_address(peer, slot.skill6, 126, nodad=True)),
+                               ("default route", rtnl.new_default_route(slot.host4)),
+                               ("IPv6 default route", rtnl.new_default_route(slot.host6))])
+                step("namespace addresses and routes")
+                host.run([(f"address {slot.host4}/30", rtnl.new_address(index, slot.host4, 30)),
+                          (f"address {RESOLVER4}/32", rtnl.new_address(index, RESOLVER4, 32)),
+                          (f"address {slot.host6}/126", rtnl.new_address(index, slot.host6, 126, nodad=True))])
+                step("host addresses")
             own = tuple(ipaddress.ip_network(a) for a in addresses)
-            _ensure_host_nat(spec.pool)
+            self.nat_check = ensure_host_nat(spec.pool, os.path.join(os.path.dirname(spec.lock_path),
+                                                                     "nat-verified"))
+            step("host NAT check")
         finally:
             os.close(lock)  # releases the flock
         _enable_forwarding(self.note)
@@ -325,11 +288,10 @@ class NetnsHandle:
                     self.note("network: this host does not forward IPv6 (net.ipv6.conf.all.forwarding=0); "
                               "the skill's IPv6 destinations are unreachable")
         guard = (spec.pool, POOL6)
-        with entered(self.netns_fd):
-            self.nft = nft.context()
-            nft.apply(nft_ruleset(spec.plan, resolver4=RESOLVER4, guard=guard, log_group=NFLOG_GROUP),
-                      self.nft)
-            self.nflog = NflogSocket(NFLOG_GROUP)
+        ruleset = nft_ruleset(spec.plan, resolver4=RESOLVER4, guard=guard, log_group=NFLOG_GROUP)
+        with entered(self.netns_fd):  # libnftables resolves interface names in the caller's namespace
+            nft.apply(ruleset, self.nft)
+        step("skill table")
         if spec.plan.needs_dns:
             from agent.compile.network import dns_sets
             from agent.net.dns_stub import DnsStub, StubRules
@@ -343,7 +305,8 @@ class NetnsHandle:
                 raise NetworkSetupError(
                     f"DNS stub: cannot listen on {RESOLVER4}:53 on {slot.device}: {exc.strerror} "
                     "(a resolver on this host bound to 0.0.0.0:53 without SO_REUSEADDR holds the port)") from None
-        self.setup_seconds = time.monotonic() - started
+            step("DNS stub")
+        self.setup_seconds = clock() - started
 
     def readers(self) -> dict[int, Callable[[int, int], None]]:
         out = {self.nflog.fileno(): self._on_nflog} if self.nflog else {}

@@ -91,6 +91,10 @@ def judge(address: Union[str, IPAddress], *, private_ok: bool = False,
     return Verdict(effective(parsed), why is None, why or "")
 
 
+TTL_FLOOR = 30  # seconds: short TTLs still leave time to connect
+TTL_CEILING = 3600  # seconds: an address stays admitted at most this long per answer
+
+
 def clamp_ttl(ttl: int, floor: int, ceiling: int) -> int:
     """The set-element timeout for an answer's TTL: at least `floor`, at most `ceiling`."""
     return max(floor, min(int(ttl), ceiling))

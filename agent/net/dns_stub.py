@@ -35,10 +35,8 @@ from typing import Callable, Iterable, Optional
 
 from agent.compile.network import DnsSets, NameGrant
 from agent.manifest.glob import match_host
-from agent.net.admit import IPNetwork, clamp_ttl, judge
+from agent.net.admit import TTL_CEILING, TTL_FLOOR, IPNetwork, clamp_ttl, judge
 
-TTL_FLOOR = 30  # seconds: short TTLs still leave time to connect
-TTL_CEILING = 3600  # seconds: an address stays admitted at most this long per answer
 PENDING_TIMEOUT = 5.0  # seconds an upstream answer is waited for
 TCP_READ_TIMEOUT = 1.0
 

@@ -27,6 +27,7 @@ NLM_F_REQUEST, NLM_F_ACK = 1, 4
 NLMSG_ERROR = 2
 COPY_BYTES = 128  # IPv6 header + TCP/UDP header fit easily
 PROTOCOLS = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
+IPV6_EXTENSIONS = {0, 43, 44, 60}  # hop-by-hop, routing, fragment, destination options
 
 _NLMSGHDR = struct.Struct("=IHHII")
 _NFGENMSG = struct.Struct("=BBH")  # family, version, res_id (big endian, packed by hand)
@@ -68,6 +69,14 @@ def parse_payload(payload: bytes) -> tuple[str, str, Optional[int]]:
     elif version == 6 and len(payload) >= 40:
         header, proto = 40, payload[6]
         destination = str(ipaddress.IPv6Address(payload[24:40]))
+        # Walk extension headers (RFC 8200 4.2) to the transport header.
+        while proto in IPV6_EXTENSIONS and len(payload) >= header + 8:
+            if proto == 44:  # fragment header, 8 bytes; a later fragment has no transport header
+                if struct.unpack_from("!H", payload, header + 2)[0] >> 3:
+                    return PROTOCOLS.get(payload[header], f"proto {payload[header]}"), destination, None
+                proto, header = payload[header], header + 8
+            else:
+                proto, header = payload[header], header + 8 * (payload[header + 1] + 1)
     else:
         return "?", "?", None
     port = None

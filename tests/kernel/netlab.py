@@ -7,6 +7,7 @@
                       lo: 198.51.100.10, .20, .53, 203.0.113.10, 2001:db8::10
                       servers (one subprocess, `python -m tests.kernel.netlab serve LOG`):
                         TCP "hello" on [::]:8080 and [::]:8081 (dual stack),
+                        TCP echo on [::]:8082 (the connection stays open),
                         HTTP on [::]:80, UDP sink on [::]:9999,
                         authoritative DNS (dnspython) on 198.51.100.53:53 for ZONE
 
@@ -50,6 +51,7 @@ ZONE = {
     "short.example.test": [("A", WWW2)],
 }
 SHORT_TTL = {"short.example.test": 1}
+ECHO_PORT = 8082
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -166,6 +168,26 @@ def _tcp_hello(port: int, log, lock) -> None:
         conn.close()
 
 
+def _tcp_echo(port: int, log, lock) -> None:
+    """Echo every byte back until the client closes: a connection that stays open."""
+    listener = _dual_stack(socket.SOCK_STREAM, port)
+    listener.listen(64)
+
+    def serve_one(conn, peer, local):
+        _record(log, lock, kind="tcp", src=peer[0], dst=local[0], port=port)
+        with conn:
+            try:
+                while data := conn.recv(4096):
+                    _record(log, lock, kind="echo", src=peer[0], data=data.decode(errors="replace"))
+                    conn.sendall(data)
+            except OSError:
+                pass
+
+    while True:
+        conn, peer = listener.accept()
+        threading.Thread(target=serve_one, args=(conn, peer, conn.getsockname()), daemon=True).start()
+
+
 def _http(log, lock) -> None:
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -244,6 +266,7 @@ def serve(log_path: str) -> None:
     lock = threading.Lock()
     log = open(log_path, "a", encoding="utf-8")
     workers = [lambda: _tcp_hello(8080, log, lock), lambda: _tcp_hello(8081, log, lock),
+               lambda: _tcp_echo(ECHO_PORT, log, lock),
                lambda: _http(log, lock), lambda: _udp_sink(log, lock), lambda: _dns(log, lock)]
     for work in workers:
         threading.Thread(target=work, daemon=True).start()

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -24,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT, require
-from tests.kernel.netlab import DNS_SERVER, OTHER, V6, WWW, WWW2, NetLab
+from tests.kernel.netlab import DNS_SERVER, ECHO_PORT, OTHER, V6, WWW, WWW2, NetLab
 
 POOL = "10.99.0.0/24"
 
@@ -70,7 +71,6 @@ def lab():
     require(shutil.which("nsenter") is not None, "nsenter (util-linux) missing")
     try:
         import nftables  # noqa: F401
-        import pyroute2  # noqa: F401
         import dns.message  # noqa: F401
     except ImportError as exc:
         require(False, f"python module missing: {exc}")
@@ -467,3 +467,195 @@ def test_the_agents_own_addresses_stay_closed_even_under_a_wide_rule(lab):
     assert r["uplink"] == "ok "  # the service closes at once: connected, then EOF
     rules = {e["operation"]: e["rule"] for e in run.network_events()}
     assert "the agent's own addresses" in rules["connect tcp 169.254.53.53:2222"]
+
+
+def test_a_skill_cannot_send_tcp_segments_the_stateless_table_would_not_check(lab):
+    """The skill's table checks TCP only where a connection opens (a SYN
+    without ACK) and lets later segments pass; that holds only because a
+    skill cannot make a segment itself: no raw or packet socket, no TCP
+    repair mode, and a source route (IPv4 options, an IPv6 routing header,
+    both settable without privilege) that would send a connection's
+    segments to another first hop makes them checked like a SYN."""
+    run = launch(lab, "net-forge", f"""\
+        tcp:
+          allowlist: ["{WWW}:{ECHO_PORT}", "[{V6}]:{ECHO_PORT}"]
+        """, f"""\
+        def attempt(fn):
+            try:
+                fn(); return "ok"
+            except OSError as e:
+                return "err " + os.strerror(e.errno)
+        def repair():
+            s = socket.socket(); s.setsockopt(socket.IPPROTO_TCP, 19, 1)  # TCP_REPAIR
+        def rerouted(host, family, level, option, value):
+            s = socket.create_connection((host, {ECHO_PORT}), timeout=3)
+            s.sendall(b"before\\n"); before = s.recv(100).decode().strip()
+            try:
+                s.setsockopt(level, option, value)
+            except OSError as e:
+                return [before, "setsockopt err " + os.strerror(e.errno)]
+            s.sendall(b"after\\n"); s.settimeout(1.5)
+            try:
+                after = s.recv(100).decode().strip() or "eof"
+            except OSError as e:
+                after = "err " + (os.strerror(e.errno) if e.errno else str(e))
+            return [before, after]
+        lsrr = bytes([0x83, 7, 4]) + socket.inet_aton("{OTHER}") + bytes([1])  # loose source route via OTHER
+        segments = [socket.inet_pton(socket.AF_INET6, a) for a in ("{V6}", "2001:db8::99")]
+        srh = bytes([0, 4, 4, 1, 1, 0, 0, 0]) + b"".join(segments)  # segment routing header via 2001:db8::99
+        out(raw_tcp=attempt(lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)),
+            raw6=attempt(lambda: socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)),
+            packet=attempt(lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)),
+            sock_packet=attempt(lambda: socket.socket(socket.AF_INET, 10, 0)),  # SOCK_PACKET
+            repair=attempt(repair),
+            lsrr=rerouted("{WWW}", socket.AF_INET, socket.IPPROTO_IP, socket.IP_OPTIONS, lsrr),
+            srh=rerouted("{V6}", socket.AF_INET6, socket.IPPROTO_IPV6, 57, srh))  # IPV6_RTHDR
+        """)
+    r = run.result
+    assert run.code == 0, run.stderr
+    for name in ("raw_tcp", "raw6", "packet", "sock_packet", "repair"):
+        assert r[name] == "err " + os.strerror(errno.EPERM), (name, r[name])
+    # The connection works; once its segments carry a source route they are
+    # checked against the first hop, which no rule grants, and go nowhere.
+    # An IPv4 source route needs CAP_NET_RAW on this kernel (EPERM); an IPv6
+    # segment routing header does not.
+    ops = {e["operation"] for e in run.network_events()}
+    assert r["srh"][0] == "before" and r["srh"][1] != "after", r["srh"]
+    assert f"connect tcp 2001:db8::99:{ECHO_PORT}" in ops, ops
+    assert r["lsrr"][0] == "before", r["lsrr"]
+    if r["lsrr"][1] != "setsockopt err " + os.strerror(errno.EPERM):
+        assert r["lsrr"][1] != "after" and f"connect tcp {OTHER}:{ECHO_PORT}" in ops, (r["lsrr"], ops)
+    echoed = [e["data"] for e in lab.received() if e["kind"] == "echo"]
+    assert "after\n" not in echoed
+
+
+def _attached(lab: NetLab, body: str, skill, ttl_floor: int) -> dict:
+    """Run `skill()` (returns a dict) in a forked child with its own network
+    namespace, set up by the launcher's own NetnsHandle inside the lab's
+    simulated host with a DNS TTL floor of `ttl_floor` seconds (the host
+    config has no knob for it), the DNS stub and NFLOG served until the
+    child is done. Returns {"skill": ..., "counters": ..., "events": [...]}."""
+    import dataclasses
+    import select
+
+    result_r, result_w = os.pipe()
+    helper = os.fork()
+    if helper == 0:
+        out: dict = {}
+        try:
+            from agent.config import HostConfig
+            from agent.enforce.libc import CLONE_NEWNET, unshare
+            from agent.launch.netns import NetnsHandle, _setns, plan_network
+            from agent.manifest import load_text
+
+            host_fd = os.open(lab.host_netns_path, os.O_RDONLY)
+            _setns(host_fd)
+            policy = load_text(f'name: net-direct\nversion: "1"\npermissions:\n'
+                               f'{textwrap.indent(textwrap.dedent(body), "  ")}').policy
+            spec = plan_network(policy, HostConfig(address_pool=POOL, dns_upstream=(DNS_SERVER,)),
+                                str(lab.workdir / "state"))
+            spec = dataclasses.replace(spec, ttl_floor=ttl_floor)
+            go_r, go_w = os.pipe()
+            done_r, done_w = os.pipe()
+            child = os.fork()
+            if child == 0:
+                try:
+                    unshare(CLONE_NEWNET)
+                    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)  # as the launcher's child does
+                    os.write(done_w, b"u")
+                    os.read(go_r, 1)
+                    try:
+                        reply = skill()
+                    except BaseException as exc:  # noqa: BLE001 - report to the helper
+                        reply = {"error": f"{type(exc).__name__}: {exc}"}
+                    os.write(done_w, json.dumps(reply).encode())
+                finally:
+                    os._exit(0)
+            assert os.read(done_r, 1) == b"u"
+            events: list = []
+            handle = NetnsHandle(spec, emit=lambda **kw: events.append(kw), note=lambda _text: None)
+            try:
+                handle.attach(child)
+                os.write(go_w, b"g")
+                readers = handle.readers()
+                data = b""
+                deadline = time.monotonic() + 30
+                os.close(done_w)
+                while time.monotonic() < deadline:
+                    ready, _, _ = select.select(list(readers) + [done_r], [], [], 0.5)
+                    for fd in ready:
+                        if fd == done_r:
+                            chunk = os.read(done_r, 65536)
+                            if not chunk:
+                                deadline = 0
+                            data += chunk
+                        else:
+                            readers[fd](fd, select.POLLIN)
+                out["skill"] = json.loads(data or b"{}")
+            finally:
+                os.waitpid(child, 0)
+                out["counters"] = handle.close()
+            out["events"] = [{"operation": e["operation"], "rule": e["rule"]} for e in events]
+        except BaseException as exc:  # noqa: BLE001 - report to the test
+            out["error"] = f"{type(exc).__name__}: {exc}"
+        os.write(result_w, json.dumps(out).encode())
+        os._exit(0)
+    os.close(result_w)
+    data = b""
+    while chunk := os.read(result_r, 65536):
+        data += chunk
+    os.close(result_r)
+    os.waitpid(helper, 0)
+    out = json.loads(data)
+    assert "error" not in out, out["error"]
+    assert "error" not in out["skill"], out["skill"]["error"]
+    return out
+
+
+def test_a_connection_outlives_its_dns_admission_new_ones_do_not(lab):
+    """The table checks TCP when a connection opens, so an address admitted
+    through DNS for 1 s (the record's TTL, with a floor of 1 s here) keeps
+    its established connection after the set element timed out, while a
+    new connection and UDP to it are refused. No connection tracking runs
+    in the skill's namespace (the table has no ct expression)."""
+
+    def skill() -> dict:
+        import dns.message
+        import dns.query
+
+        answer = dns.query.udp(dns.message.make_query("short.example.test", "A"), "169.254.53.53", timeout=3)
+        addresses = sorted(r.address for rrset in answer.answer for r in rrset if rrset.rdtype == 1)
+        s = socket.create_connection((WWW2, ECHO_PORT), timeout=3)
+        s.sendall(b"one\n")
+        one = s.recv(100).decode().strip()
+        time.sleep(2.5)  # the element's timeout (1 s) has passed
+        s.sendall(b"two\n")
+        two = s.recv(100).decode().strip()
+        try:
+            socket.create_connection((WWW2, ECHO_PORT), timeout=3).close()
+            new = "ok"
+        except OSError as exc:
+            new = "err " + (os.strerror(exc.errno) if exc.errno else str(exc))
+        try:
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"late", (WWW2, 9999))
+            udp = "sent"
+        except OSError as exc:
+            udp = "err " + (os.strerror(exc.errno) if exc.errno else str(exc))
+        s.close()
+        with open("/proc/sys/net/netfilter/nf_conntrack_count") as fh:
+            tracked = int(fh.read())
+        return {"addresses": addresses, "ttl": answer.answer[0].ttl, "one": one, "two": two, "new": new,
+                "udp": udp, "tracked": tracked}
+
+    out = _attached(lab, f"""\
+        tcp:
+          allowlist: ["short.example.test:{ECHO_PORT}"]
+        """, skill, ttl_floor=1)
+    r = out["skill"]
+    assert r["addresses"] == [WWW2] and r["ttl"] == 1, r
+    assert r["one"] == "one" and r["two"] == "two", "an established connection was cut when its address expired"
+    assert refused(r["new"]), "a new connection to an expired address was let through"
+    assert r["udp"] == "err " + os.strerror(errno.EPERM)
+    assert r["tracked"] == 0, "connection tracking runs in the skill's namespace"
+    assert out["counters"]["accepted"] == 1  # the one SYN that opened the connection
+    assert f"connect tcp {WWW2}:{ECHO_PORT}" in {e["operation"] for e in out["events"]}
