@@ -624,6 +624,9 @@ _LAUNCH_MODULES = (
     "agent.enforce.cgroup", "agent.enforce.cgroupfs", "agent.enforce.landlock",
     "agent.enforce.seccomp_load", "agent.enforce.nft", "agent.net.dns_stub", "agent.net.admit",
     "agent.daemon.supervise", "pyseccomp", "fcntl", "resource", "shlex",
+    "agent.launch.plan", "agent.launch.plan_cache", "agent.enforce.landlock_sys",
+    "agent.net.rtnl", "agent.net.nflog", "agent.net.events", "agent.net.hostnat", "nftables",
+    "pyroute2.netlink.rtnl.ifinfmsg", "pyroute2.netlink.rtnl.ifaddrmsg", "pyroute2.netlink.rtnl.rtmsg",
 )
 
 
