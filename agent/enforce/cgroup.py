@@ -142,10 +142,14 @@ def _read(path: str) -> str:
 
 
 def _read_pids(procs_file: str) -> list[int]:
+    # ENODEV: the cgroup is being removed (kernfs deactivated its files
+    # before rmdir unlinks them); it has no members either way.
     try:
         return [int(x) for x in _read(procs_file).split()]
-    except FileNotFoundError:
-        return []
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENODEV):
+            return []
+        raise
 
 
 def _mkdir_path(mount: str, parts: tuple[str, ...], controller: str,
@@ -420,7 +424,14 @@ class SkillCgroup:
         freeze, signal every member, thaw, repeat until empty.
         """
         if self.v2 is not None and os.path.exists(os.path.join(self.v2, "cgroup.kill")):
-            _write(os.path.join(self.v2, "cgroup.kill"), "1", "cgroup")
+            try:
+                _write(os.path.join(self.v2, "cgroup.kill"), "1", "cgroup")
+            except CgroupError as e:
+                # Removed meanwhile (ENOENT), or being removed (ENODEV): its
+                # members are gone already.
+                if getattr(e.__cause__, "errno", None) in (errno.ENOENT, errno.ENODEV):
+                    return
+                raise
             # Members added to a v1 hierarchy only (should not happen): signal them.
             if not self._wait_empty(timeout):
                 self._kill_with_signals(timeout)

@@ -81,3 +81,23 @@ def test_plain_limit_values_write_the_same_files_as_compiled_limits():
         assert v1_limit_files(plain, controller) == v1_limit_files(compiled, controller)
         assert v2_limit_files(plain, controller) == v2_limit_files(compiled, controller)
     assert not LimitValues(pids=3).requested("memory")
+
+
+def test_a_cgroup_being_removed_has_no_members(monkeypatch):
+    # Reading cgroup.procs of a cgroup that rmdir is tearing down fails with
+    # ENODEV (kernfs deactivated it) before the file is gone (ENOENT).
+    import errno
+
+    from agent.enforce import cgroup
+
+    for err in (errno.ENODEV, errno.ENOENT):
+        def failing(path, err=err):
+            raise OSError(err, "gone")
+        monkeypatch.setattr(cgroup, "_read", failing)
+        assert cgroup._read_pids("/sys/fs/cgroup/x/cgroup.procs") == []
+
+    def denied(path):
+        raise OSError(errno.EACCES, "denied")
+    monkeypatch.setattr(cgroup, "_read", denied)
+    with pytest.raises(OSError):
+        cgroup._read_pids("/sys/fs/cgroup/x/cgroup.procs")
