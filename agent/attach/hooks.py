@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +21,9 @@ from typing import Callable, Iterable, Optional, Sequence
 
 from agent.compile.bpf_policy import SKILL_DNS, SKILL_FS_KILL, SKILL_FS_OBSERVE, BpfPolicy, FsRules
 from agent.enforce import bpf_hooks
-from agent.enforce.cgroup import ROOT_NAME, CgroupError, SkillCgroup, cgroup_id, task_cgroups
+from agent.enforce.cgroup import ROOT_NAME, CgroupError, SkillCgroup, cgroup_id
 from agent.attach import procs
+from agent.attach.cgroup_pool import new_instance
 
 ACTIVE = "active"
 NEEDS_LAUNCH = "needs launch: "
@@ -74,7 +74,7 @@ class Attachment:
 class _Skill:
     attachment: Attachment
     cgroup: Optional[SkillCgroup]  # None for an orphan found after a restart
-    v2_dir: Path
+    v2_dir: str
     bpf: Optional[BpfPolicy]
     fs_rules: FsRules
     flags: int
@@ -139,6 +139,8 @@ class Hooks:
 
         self.mounts = cgroup_mounts()
         self._compiled: dict = {}
+        self._plans: dict = {}  # (id(policy), observe_fs) -> (policy, bpf, layers, limits)
+        self._tracepoints_on: Optional[bool] = None  # None: look at the pins
         self._skills: dict[str, _Skill] = {}
         self._by_cgroup: dict[int, _Skill] = {}
         self._observing = 0  # attached skills with SKILL_FS_OBSERVE
@@ -155,6 +157,7 @@ class Hooks:
         else:
             self.nft_problem = "disabled"
         self._nft_error = NftError
+        self.pool = None  # CgroupPool once start_pool() ran
         self.maps.set_resolvers(resolvers)
         self._reader = bpf_hooks.RingReader(loaded.map_fds["events"], self._on_event)
         for stale in loaded.stale:
@@ -182,9 +185,22 @@ class Hooks:
                    resolvers=list(resolvers if resolvers is not None else _default_resolvers()),
                    emit=emit or (lambda v: None), note=note or (lambda text: None))
 
+    def start_pool(self):
+        """Fork the helper that makes skill cgroups ahead of attach (agent.attach.cgroup_pool).
+        Give `pool.fileno()` to the event loop and call `pool.on_readable()` when it is readable."""
+        from agent.attach.cgroup_pool import CgroupPool
+
+        if self.pool is None:
+            self.pool = CgroupPool(self.mounts, self.subtree)
+        return self.pool
+
     def close(self, *, unload: bool = False) -> None:
         """Stop reading events. With unload, detach every skill and remove every
-        program, link, pin and the nft table; without, enforcement stays."""
+        program, link, pin and the nft table; without, enforcement stays.
+        Spare cgroups of the pool are removed either way."""
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
         if unload:
             for skill_id in list(self._skills):
                 self.detach(skill_id)
@@ -252,10 +268,26 @@ class Hooks:
             self._compiled[key] = bpf
         return bpf
 
+    def _plan(self, policy, observe_fs: bool) -> tuple:
+        """(map entries, layer report, cgroup limits) of a policy, kept per policy
+        object: the daemon hands the same Policy for the same manifest, and
+        hashing a Policy (a tree of frozen dataclasses) for `prepare`'s cache
+        costs more than the lookup saves. The entry holds the policy, so its
+        id() is not reused while the entry lives."""
+        key = (id(policy), observe_fs)
+        entry = self._plans.get(key)
+        if entry is None or entry[0] is not policy:
+            from agent.compile.rlimits import compile_limits
+
+            bpf = self.prepare(policy, observe_fs)
+            entry = (policy, bpf, self.plan_layers(policy, bpf), compile_limits(policy.resources))
+            if len(self._plans) > 4096:
+                self._plans.clear()
+            self._plans[key] = entry
+        return entry[1], dict(entry[2]), entry[3]
+
     def attach(self, policy, pids: Iterable[int], tree: bool = False,
                require: Iterable[str] = (), observe_fs: bool = True) -> Attachment:
-        from agent.compile.rlimits import compile_limits
-
         pids = list(dict.fromkeys(int(p) for p in pids))
         require = list(require)
         unknown = [r for r in require if r not in ALL_LAYERS]
@@ -265,8 +297,7 @@ class Hooks:
         if not pids:
             raise AttachError("pids", "no process given")
         origins = {pid: self._check_pid(pid) for pid in pids}
-        bpf = self.prepare(policy, observe_fs)
-        layers = self.plan_layers(policy, bpf)
+        bpf, layers, limits = self._plan(policy, observe_fs)
         missing = [f"{r} ({layers[r]})" for r in require if layers.get(r) != ACTIVE]
         if missing:
             raise AttachError("require", "required layer(s) cannot be applied to a running process: "
@@ -274,29 +305,32 @@ class Hooks:
         for text in bpf.notes:
             self.note(text)
 
-        instance = f"p{pids[0]}-{secrets.token_hex(3)}"
-        skill_id = f"{policy.name}:{instance}"
-        try:
-            cgroup = SkillCgroup.create(policy.name, instance, compile_limits(policy.resources),
-                                        mounts=self.mounts, root=self.subtree)
-        except CgroupError as exc:
-            raise AttachError("resources" if exc.controller in ("memory", "pids", "cpu") else "cgroup",
-                              exc.reason) from None
-        v2_dir = cgroup.v2_path
+        # A spare made ahead by the pool's helper process, else one made here.
+        cgroup = self.pool.take(policy.name, limits) if self.pool is not None else None
+        if cgroup is None:
+            try:
+                cgroup = SkillCgroup.create(policy.name, new_instance(), limits,
+                                            mounts=self.mounts, root=self.subtree)
+            except CgroupError as exc:
+                raise AttachError("resources" if exc.controller in ("memory", "pids", "cpu") else "cgroup",
+                                  exc.reason) from None
+        skill_id = f"{policy.name}:{os.path.basename(cgroup.v2 or '')}"
+        v2_dir = cgroup.v2
         if v2_dir is None:
             cgroup.remove()  # still empty
             raise AttachError("cgroup", "no cgroup v2 directory for the skill")
         cg = cgroup.id if cgroup.id is not None else cgroup_id(v2_dir)
         self._note_once("resources: " + ", ".join(f"{c}: {w}" for c, w in cgroup.limits_applied().items()))
-        attachment = Attachment(skill_id, policy.name, tuple(pids), str(v2_dir), cg, layers)
+        attachment = Attachment(skill_id, policy.name, tuple(pids), v2_dir, cg, layers)
         skill = _Skill(attachment, cgroup, v2_dir, bpf, bpf.fs_rules, bpf.flags, origins)
         done: list[str] = []
         try:
-            if bpf.flags & SKILL_FS_OBSERVE and not bpf_hooks.tracepoints_attached(self.loaded):
+            if bpf.flags & SKILL_FS_OBSERVE and not self._tracepoints_attached():
                 try:
                     bpf_hooks.attach_tracepoints(self.loaded)
                 except bpf_hooks.BpfError as exc:
                     raise AttachError("fs-observe", str(exc)) from None
+                self._tracepoints_on = True
             try:
                 self.maps.install(cg, bpf)  # all entries or none
             except OSError as exc:
@@ -317,7 +351,7 @@ class Hooks:
             self._undo(skill, done)
             raise
         layers = self._sockets_held_before(skill, moved, layers, require)
-        attachment = Attachment(skill_id, policy.name, tuple(moved), str(v2_dir), cg, layers)
+        attachment = Attachment(skill_id, policy.name, tuple(moved), v2_dir, cg, layers)
         skill.attachment = attachment
         return attachment
 
@@ -355,16 +389,13 @@ class Hooks:
         if kernel_thread:
             raise AttachError("pids", f"pid {pid} is a kernel thread")
         try:
-            origin = task_cgroups(pid)
-        except FileNotFoundError:
+            origin = procs.task_cgroups(pid)
+        except (FileNotFoundError, ProcessLookupError):
             raise AttachError("pids", f"no process {pid}") from None
         where = origin.get("", "")
         if where == f"/{self.subtree}" or where.startswith(f"/{self.subtree}/"):
             raise AttachError("pids", f"pid {pid} is already confined ({where})")
         return origin
-
-    def _level(self, v2_dir: Path) -> int:
-        return len(v2_dir.relative_to(self.v2_mount).parts)
 
     def _note_once(self, text: str) -> None:
         """Note what is the same for most attaches (where limits went) when it changes, not each time."""
@@ -420,9 +451,9 @@ class Hooks:
                 continue
             try:
                 if pid not in skill.origins:
-                    skill.origins[pid] = task_cgroups(pid)
+                    skill.origins[pid] = procs.task_cgroups(pid)
                 skill.cgroup.add(pid)
-            except (CgroupError, FileNotFoundError) as exc:
+            except (CgroupError, FileNotFoundError, ProcessLookupError) as exc:
                 if not procs.exists(pid) and pid not in pids:
                     continue  # a descendant that exited meanwhile
                 raise AttachError("cgroup", f"moving pid {pid}: {exc}") from None
@@ -501,12 +532,20 @@ class Hooks:
             if attempt:
                 time.sleep(0.002)
 
+    def _tracepoints_attached(self) -> bool:
+        # Only this agent attaches and detaches them (their pins are in its
+        # pin directory): after one look at the pins, its own flag says.
+        if self._tracepoints_on is None:
+            self._tracepoints_on = bpf_hooks.tracepoints_attached(self.loaded)
+        return self._tracepoints_on
+
     def _maybe_stop_tracepoints(self) -> None:
         # Counted here, not read back from the `skills` map: every skill in
         # the map is in self._skills (orphans are adopted at start), and a
         # scan of the map per detach made detaching 1,000 skills take 20 s.
         if self._observing > 0:
             return
+        self._tracepoints_on = None
         bpf_hooks.detach_tracepoints(self.loaded)
 
     # ---- restart ----
@@ -531,7 +570,7 @@ class Hooks:
             v1 = {c: m / rel for c, m in mounts.v1.items() if c in ("memory", "pids", "cpu", "freezer")
                   and (m / rel).is_dir()}
             cgroup = SkillCgroup(path, v1, {}, cg)
-            skill = _Skill(attachment, cgroup, path, None, FsRules(()), flags)
+            skill = _Skill(attachment, cgroup, str(path), None, FsRules(()), flags)
             self._register(skill)
             self.note(f"found skill {skill_id} (cgroup {cg}) attached by an earlier agent")
         if self._skills:
@@ -539,6 +578,11 @@ class Hooks:
             found = self.maps.scan(set(self._by_cgroup))
             for cg, skill in self._by_cgroup.items():
                 skill.found = found[cg]
+        from agent.attach.cgroup_pool import remove_stale_spares
+
+        stale = remove_stale_spares(self.v2_mount, mounts.v1, self.subtree, set(self._by_cgroup))
+        if stale:
+            self.note(f"removed {stale} spare cgroup(s) an earlier agent made and did not use")
         self._rebuild_nft_if_needed()
         self._maybe_stop_tracepoints()
 
@@ -616,9 +660,9 @@ def _subdirs(path: Path) -> list[Path]:
         return []
 
 
-def _members(cgroup_dir: Path) -> list[int]:
+def _members(cgroup_dir) -> list[int]:
     try:
-        return [int(x) for x in (cgroup_dir / "cgroup.procs").read_text().split()]
+        return [int(x) for x in procs.read_proc(os.path.join(cgroup_dir, "cgroup.procs")).split()]
     except FileNotFoundError:
         return []
 
@@ -632,9 +676,9 @@ def _origin_dir(mount: Optional[Path], origin: dict[str, str], controller: str) 
     return None
 
 
-def _write_pid(cgroup_dir: Path, pid: int) -> bool:
+def _write_pid(cgroup_dir, pid: int) -> bool:
     try:
-        fd = os.open(cgroup_dir / "cgroup.procs", os.O_WRONLY)
+        fd = os.open(os.path.join(cgroup_dir, "cgroup.procs"), os.O_WRONLY)
         try:
             os.write(fd, str(pid).encode())
         finally:
@@ -644,7 +688,7 @@ def _write_pid(cgroup_dir: Path, pid: int) -> bool:
         return exc.errno == errno.ESRCH  # gone: nothing left to move
 
 
-def _rmdir_quiet(path: Path) -> None:
+def _rmdir_quiet(path) -> None:
     for _ in range(100):
         try:
             os.rmdir(path)
@@ -657,6 +701,6 @@ def _rmdir_quiet(path: Path) -> None:
             continue
         break
     try:
-        os.rmdir(path.parent)
+        os.rmdir(os.path.dirname(path))
     except OSError:
         pass

@@ -205,14 +205,7 @@ class NftCgroupTable:
         from agent.attach.nft_netlink import SetElements
 
         self._elements = SetElements(table)
-
-    def _apply(self, changes, what: str) -> None:
-        from agent.attach.nft_netlink import NetlinkError
-
-        try:
-            self._elements.apply(changes)
-        except NetlinkError as exc:
-            raise NftError(f"nftables: {what}: {exc.strerror or exc}") from None
+        self._templates: dict = {}  # (flags, id(net4), id(net6), delete) -> (net4, net6, BatchTemplate)
 
     def _run(self, commands: str, what: str) -> str:
         rc, out, err = self._nft.cmd(commands)
@@ -250,16 +243,41 @@ class NftCgroupTable:
         self._run("\n".join(commands), f"rebuilding table {self.table}")
         self._made = True
 
+    def _template(self, flags: int, net4, net6, delete: bool):
+        """The batch of hash_changes() for these grants with the cgroup id left
+        open, kept per grants object (the same for every skill of a policy)."""
+        from agent.attach.nft_netlink import BatchTemplate
+
+        key = (flags, id(net4), id(net6), delete)
+        entry = self._templates.get(key)
+        if entry is None or entry[0] is not net4 or entry[1] is not net6:
+            def changes(cgroup_id):
+                return [c for c in hash_changes(cgroup_id, flags, net4, net6, delete=delete) if c[2]]
+
+            entry = (net4, net6, BatchTemplate(changes, self.table))
+            if len(self._templates) > 1024:
+                self._templates.clear()
+            self._templates[key] = entry
+        return entry[2]
+
+    def _apply_for(self, cgroup_id: int, flags: int, net4, net6, delete: bool, what: str) -> None:
+        from agent.attach.nft_netlink import NetlinkError
+
+        try:
+            self._elements.apply_template(self._template(flags, net4, net6, delete), cgroup_id)
+        except NetlinkError as exc:
+            raise NftError(f"nftables: {what}: {exc.strerror or exc}") from None
+
     def add(self, v2_dir, cgroup_id: int, level: int, flags: int, net4, net6,
             resolvers: Iterable[str]) -> None:
         """The skill's elements in one transaction, all or none; its membership last."""
-        path = nft_path(v2_dir)  # where nft will name it (rebuild, listings): refuse what it cannot
+        nft_path(v2_dir)  # where nft will name it (rebuild, listings): refuse what it cannot
         self._ensure(level, resolvers)
-        self._apply(hash_changes(cgroup_id, flags, net4, net6), f"adding {path}")
+        self._apply_for(cgroup_id, flags, net4, net6, False, f"adding {v2_dir}")
 
     def remove(self, v2_dir, cgroup_id: int, flags: int, net4, net6) -> None:
         """The skill's elements in one transaction; its membership first."""
-        self._apply(hash_changes(cgroup_id, flags, net4, net6, delete=True), f"removing {v2_dir}")
+        self._apply_for(cgroup_id, flags, net4, net6, True, f"removing {v2_dir}")
 
     def counter(self, name: str) -> int:
         rc, out, _ = self._nft.cmd(f"list counter inet {self.table} {name}")

@@ -28,7 +28,7 @@ import os
 import select
 import socket
 import struct
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 NETLINK_NETFILTER = 12
 NLMSG_ERROR = 2
@@ -131,6 +131,71 @@ def batch(changes: Iterable[tuple[int, str, Sequence[bytes]]], table: str, first
     return b"".join(parts), acked
 
 
+# Stand-ins for the cgroup id and the first sequence number while a template
+# is built: every byte of A differs from B's, and C tells the byte orders apart.
+_CG_A, _CG_B, _CG_C = 0x0101010101010101, 0x0202020202020202, 0x0102030405060708
+_SEQ_A, _SEQ_B = 0x01010101, 0x02020202
+
+
+class BatchTemplate:
+    """The batch of one skill's changes with its cgroup id and sequence numbers
+    left open, built once per policy; `fill()` writes them in (a few
+    struct.pack_into, against ~80 us in the daemon for building the batch).
+
+    The open fields are found by building the batch with different stand-ins
+    and comparing the results byte for byte, so their places come from the
+    structure, never from searching for a value (an address in a grant could
+    contain any bytes). Pure."""
+
+    def __init__(self, make_changes: Callable[[int], Sequence], table: str):
+        base, acked = batch(make_changes(_CG_A), table, _SEQ_A)
+        other_cg, _ = batch(make_changes(_CG_B), table, _SEQ_A)
+        probe, _ = batch(make_changes(_CG_C), table, _SEQ_A)
+        other_seq, _ = batch(make_changes(_CG_A), table, _SEQ_B)
+        if not len(base) == len(other_cg) == len(probe) == len(other_seq):
+            raise ValueError("the batch's length depends on the cgroup id")
+        self.cgroup_fields = []  # (offset, struct format)
+        for start in _runs(base, other_cg, 8):
+            for fmt in ("=Q", ">Q"):
+                if probe[start:start + 8] == struct.pack(fmt, _CG_C):
+                    self.cgroup_fields.append((start, fmt))
+                    break
+            else:
+                raise ValueError(f"a cgroup id field at {start} in neither byte order")
+        self.seq_fields = _runs(base, other_seq, 4)  # one per message, in order
+        if len(self.seq_fields) != len(acked) + 2 or not self.cgroup_fields:
+            raise ValueError("unexpected fields in the batch")
+        self.template = base
+        self.acked = [seq - _SEQ_A for seq in acked]  # offsets from the first sequence number
+
+    def fill(self, cgroup_id: int, first_seq: int) -> tuple[bytes, list[int]]:
+        """(the batch, the sequence numbers that will be acknowledged), as batch() returns."""
+        data = bytearray(self.template)
+        for offset, fmt in self.cgroup_fields:
+            struct.pack_into(fmt, data, offset, cgroup_id)
+        for i, offset in enumerate(self.seq_fields):
+            _U32.pack_into(data, offset, (first_seq + i) & 0xFFFFFFFF)
+        return bytes(data), [first_seq + k for k in self.acked]
+
+
+_U32 = struct.Struct("=I")
+
+
+def _runs(a: bytes, b: bytes, size: int) -> list[int]:
+    """Starts of the places where `a` and `b` differ, each `size` bytes long (else ValueError)."""
+    starts = []
+    i = 0
+    while i < len(a):
+        if a[i] != b[i]:
+            if a[i:i + size] == b[i:i + size] or any(x == y for x, y in zip(a[i:i + size], b[i:i + size])):
+                raise ValueError(f"a field at {i} is not {size} differing bytes")
+            starts.append(i)
+            i += size
+        else:
+            i += 1
+    return starts
+
+
 def parse_acks(data: bytes) -> dict[int, int]:
     """sequence number -> error (0 or -errno) of every NLMSG_ERROR in `data`. Pure."""
     out = {}
@@ -167,6 +232,18 @@ class SetElements:
         data, acked = batch(changes, self.table, first)
         for _ in range(len(changes) + 1):
             next(self._seq)
+        self.send(data, acked)
+
+    def apply_template(self, template: BatchTemplate, cgroup_id: int) -> None:
+        """apply() of the changes a template holds, for this cgroup."""
+        first = next(self._seq)
+        data, acked = template.fill(cgroup_id, first)
+        for _ in range(len(template.seq_fields) - 1):
+            next(self._seq)
+        self.send(data, acked)
+
+    def send(self, data: bytes, acked: list[int]) -> None:
+        """Send a batch and wait for its acknowledgements (NetlinkError on any error)."""
         self.sock.send(data)
         # nfnetlink handles the whole batch inside send(), so every answer is
         # queued by now; the wait is only a guard.

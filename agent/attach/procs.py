@@ -4,6 +4,34 @@ from __future__ import annotations
 import os
 
 
+def read_proc(path: str) -> bytes:
+    """A whole /proc file with open/read/close and no Python file object
+    (which adds fstat, ioctl and lseek calls): a seq_file read(2) returns
+    everything that fits in the buffer (fs/seq_file.c seq_read_iter)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, 65536)
+        if len(data) == 65536:
+            parts = [data]
+            while chunk := os.read(fd, 65536):
+                parts.append(chunk)
+            data = b"".join(parts)
+        return data
+    finally:
+        os.close(fd)
+
+
+def task_cgroups(pid: int) -> dict[str, str]:
+    """Where process `pid` is: hierarchy ("" for v2, else its controllers as
+    listed, e.g. "memory" or "cpu,cpuacct") -> path in it (cgroups(7)).
+    FileNotFoundError or ProcessLookupError when there is no such process."""
+    out = {}
+    for line in read_proc(f"/proc/{pid}/cgroup").decode("utf-8", "surrogateescape").splitlines():
+        _, controllers, path = line.split(":", 2)
+        out[controllers] = path
+    return out
+
+
 def exists(pid: int) -> bool:
     return os.path.isdir(f"/proc/{pid}")
 
@@ -20,8 +48,7 @@ def is_kernel_thread(pid: int) -> bool | None:
     # PF_KTHREAD (0x00200000) in field 9 of /proc/PID/stat (proc(5)); the
     # command may hold spaces and ')' so split after the last ')'.
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            rest = f.read().rsplit(b")", 1)[1].split()
+        rest = read_proc(f"/proc/{pid}/stat").rsplit(b")", 1)[1].split()
     except (FileNotFoundError, ProcessLookupError):
         return None
     return bool(int(rest[6]) & 0x00200000)

@@ -41,6 +41,29 @@ class Attacher:
         for fd in self.hooks.fds():
             self.daemon.loop.add_reader(fd, self._on_readable)
             self._readers.append(fd)
+        # Skill cgroups made ahead by a helper process (agent/attach/cgroup_pool.py);
+        # without it each registration makes its own, as before.
+        try:
+            pool = self.hooks.start_pool()
+        except OSError as exc:
+            self.daemon.log(f"hooks: no cgroup pool ({exc.strerror or exc}); cgroups are made per registration")
+        else:
+            self.daemon.loop.add_reader(pool.fileno(), self._on_pool_readable)
+            self._readers.append(pool.fileno())
+
+    def _on_pool_readable(self) -> None:
+        pool = self.hooks.pool
+        if pool is None:
+            return
+        fd = pool.fileno() if pool.sock is not None else None
+        try:
+            pool.on_readable()
+        except Exception as exc:  # noqa: BLE001 - a bad answer stops the pool, not the daemon
+            pool.stop(f"{type(exc).__name__}: {exc}")
+        if pool.sock is None and fd is not None:
+            self.daemon.loop.remove_reader(fd)
+            self._readers.remove(fd)
+            self.daemon.log(f"hooks: cgroup pool stopped ({pool.problem}); cgroups are made per registration")
 
     def _on_readable(self) -> None:
         try:

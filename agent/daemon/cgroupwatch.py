@@ -33,10 +33,8 @@ class CgroupWatch:
         if self.fd is None:
             return False
         for path in cgroup_paths:
-            events = os.path.join(path, "cgroup.events")
-            if not os.path.exists(events):
-                continue
-            wd = self._libc.inotify_add_watch(self.fd, events.encode(), IN_MODIFY)
+            # -1 (ENOENT) for a v1 path, which has no cgroup.events
+            wd = self._libc.inotify_add_watch(self.fd, f"{path}/cgroup.events".encode(), IN_MODIFY)
             if wd >= 0:
                 self.by_wd[wd] = skill_id
                 self.by_skill[skill_id] = wd

@@ -28,6 +28,8 @@ from typing import Optional
 from agent.daemon import protocol
 
 MAX_FDS = 3
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: `&` on the IntFlag member costs an enum call per read
+_ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
 MAX_QUEUED = 32
 OUTPUT_LIMIT = 8 << 20
 STREAM_HIGH_WATER = 256 << 10
@@ -60,7 +62,7 @@ class Connection:
 
     def _on_readable(self) -> None:
         try:
-            data, ancdata, flags, _ = self.sock.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS * 4))
+            data, ancdata, flags, _ = self.sock.recvmsg(65536, _ANCILLARY_SPACE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -72,7 +74,7 @@ class Connection:
                 fds = array.array("i")
                 fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
                 received.extend(fds)
-        if flags & socket.MSG_CTRUNC:
+        if flags & _MSG_CTRUNC:
             for fd in received:
                 os.close(fd)
             received = []

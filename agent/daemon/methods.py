@@ -129,7 +129,7 @@ async def register(daemon, conn, params, fds):
                  what="a non-empty list of process ids")
     require = param(params, "require", list, default=[], check=protocol.string_list,
                     what="a list of layer names")
-    if daemon.attacher.available() is None:
+    if require and daemon.attacher.available() is None:
         known = daemon.attacher.layer_names()
         unknown = [layer for layer in require if layer not in known]
         if unknown:

@@ -96,8 +96,11 @@ def request_id_of(error: RpcError):
     return getattr(error, "request_id", None)
 
 
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"))  # what json.dumps would build per call
+
+
 def encode(message: dict) -> bytes:
-    return json.dumps(message, separators=(",", ":"), sort_keys=True).encode() + b"\n"
+    return _ENCODER.encode(message).encode() + b"\n"
 
 
 def result_line(request_id, result) -> bytes:

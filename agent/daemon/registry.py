@@ -45,8 +45,13 @@ class RegistryError(RuntimeError):
     pass
 
 
+# json.dumps(record, sort_keys=True, separators=(",", ":")) builds this
+# encoder on every call; one kept here gives the same bytes, cheaper.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+
+
 def canonical(record: dict) -> bytes:
-    return json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
+    return _CANONICAL.encode(record).encode()
 
 
 def encode_record(record: dict) -> bytes:

@@ -24,7 +24,7 @@ import traceback
 from typing import Optional
 
 from agent.config import HostConfig
-from agent.daemon import auth, protocol, sdnotify
+from agent.daemon import auth, methods, protocol, sdnotify
 from agent.daemon.connection import Connection
 from agent.daemon.skills import Skill
 
@@ -63,6 +63,7 @@ class Daemon:
         self.last_reload: dict = {}
         self._sweep_cursor = 0
         self.pid_owner: dict[int, Skill] = {}  # registered pids and launched supervisors/inits
+        self._request_counters: dict = {}  # (method, outcome) -> its api_requests child
 
     # ------------------------------------------------------------------ logging
 
@@ -138,6 +139,12 @@ class Daemon:
                      "  skillguard register --manifest M.yaml --pid PID   # confine a running process\n"
                      "  skillguard ps; skillguard events; "
                      f"curl -s http://{config.metrics_address or '(metrics off)'}/metrics")
+        # What start-up made (modules, policies, hooks) lives as long as the
+        # daemon: keep it out of the cyclic collector's full passes, which
+        # otherwise walk it all every so often in the middle of a request.
+        import gc
+
+        gc.freeze()
         sdnotify.notify(f"READY=1\nSTATUS=serving {config.socket_path}\nMAINPID={os.getpid()}")
 
     def _lock_state_root(self) -> None:
@@ -298,11 +305,16 @@ class Daemon:
         self.metrics.api_clients.set(len(self.connections))
 
     def count_request(self, method: str, outcome: str) -> None:
-        self.metrics.api_requests.labels(self.metrics.method_label(method), outcome).inc()
+        # The labelled child is looked up once (labels() takes a lock and
+        # builds a key each time); callers' method names are bounded here.
+        child = self._request_counters.get((method, outcome))
+        if child is None:
+            child = self.metrics.api_requests.labels(self.metrics.method_label(method), outcome)
+            if len(self._request_counters) < 256:
+                self._request_counters[(method, outcome)] = child
+        child.inc()
 
     async def dispatch(self, conn: Connection, line: bytes, fds: list) -> Optional[bytes]:
-        from agent.daemon import methods
-
         try:
             request = protocol.parse_request(line)
         except protocol.RpcError as exc:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -102,6 +103,14 @@ class Server:
 
 
 EPERM = 1
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as fh:
+            out.extend(int(x) for x in fh.read().split())
+    return out
 
 
 def register_manifest(root, granted_port: int, on_violation: str = "report", name: str = "reg") -> str:
@@ -257,7 +266,14 @@ def test_sigkill_of_the_daemon_during_activity_and_readoption(servers):
         partial = socket.socket(socket.AF_UNIX)
         partial.connect(d.socket)
         partial.sendall(b'{"jsonrpc":"2.0","id":1,"method":"li')
+        # The cgroup pool's helper (a child that is no supervisor) has made spares beside the skill's cgroup.
+        skill_dir = Path(reg["cgroup"]).parent
+        wait_for(lambda: len(list(skill_dir.glob("reg-*"))) > 1, 10, what="spare cgroups")
+        helpers = set(_children(d.proc.pid)) - {r["supervisor_pid"] for r in launched}
+        assert len(helpers) == 1, helpers
         d.kill9()
+        wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in helpers), 10,
+                 what="the pool helper to die with the daemon")
         # While no daemon runs: still confined.
         for reader in readers:
             for _ in range(5):
@@ -280,6 +296,8 @@ def test_sigkill_of_the_daemon_during_activity_and_readoption(servers):
             for reply in launched:
                 assert listed[reply["id"]]["adopted"] and listed[reply["id"]]["state"] == "running"
             assert listed[reg["id"]]["adopted"] and listed[reg["id"]]["pids"] == [target.pid]
+            # The spares the killed daemon's helper made are gone; the skill's own cgroup stays.
+            assert [p.name for p in skill_dir.glob("reg-*")] == [Path(reg["cgroup"]).name]
             status = d2.call("status")
             assert [p["file"] for p in status["registry_problems"]] == [f"journal line {torn_line}"]
             assert d2.metric("skillguard_registry_corrupt_records_total") == 1
@@ -321,6 +339,38 @@ def test_sigkill_of_the_daemon_during_activity_and_readoption(servers):
                 reader.close()
             except OSError:
                 pass
+        target.end()
+        d.tear_down()
+
+
+def test_spare_cgroups_go_when_the_daemon_stops(servers):
+    """A registration asks the pool's helper for spare cgroups of its skill;
+    a daemon that stops removes those it did not use (the registered skill's
+    own cgroup stays, still confining it)."""
+    require(os.geteuid() == 0, "needs root (euid 0)")
+    allowed, denied = servers
+    root = make_root()
+    d = DaemonProcess(root).start()
+    target = Target()
+    try:
+        require(d.call("status")["register"] == "available", "register unavailable")
+        manifest = register_manifest(root, allowed.port, name="spares")
+        first = d.call("register", {"pids": [target.pid], "manifest": manifest})
+        skill_dir = Path(first["cgroup"]).parent
+        wait_for(lambda: len(list(skill_dir.glob("reg-*"))) > 1, 10, what="spare cgroups")
+        other = Target()
+        try:
+            second = d.call("register", {"pids": [other.pid], "manifest": manifest})
+            assert Path(second["cgroup"]).parent == skill_dir
+            assert other.ask(op="tcp", port=denied.port) == {"errno": EPERM}
+        finally:
+            other.end()
+        wait_for(lambda: second["id"] not in {s["id"] for s in d.call("list")["skills"]}, 10,
+                 what="the exited skill to be dropped")
+        assert d.stop() == 0
+        assert [p.name for p in skill_dir.glob("reg-*")] == [Path(first["cgroup"]).name]
+        assert target.ask(op="tcp", port=denied.port) == {"errno": EPERM}
+    finally:
         target.end()
         d.tear_down()
 

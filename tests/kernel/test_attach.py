@@ -704,3 +704,115 @@ def test_cli_attach_require_refuses(tmp_path, target, lab):
     assert "seccomp (needs launch: a seccomp filter can only be installed by the process itself)" \
         in done.stderr
     assert "nothing was changed" in done.stderr
+
+
+# ------------------------------------------------------------------ cgroup pool
+
+def _spares(pool, name: str) -> list:
+    return [c for (skill, _limits), queue in pool.spares.items() if skill == name for c in queue]
+
+
+def _wait_for_spares(pool, name: str, timeout: float = 10.0) -> list:
+    deadline = time.monotonic() + timeout
+    while not _spares(pool, name):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no spare cgroups for {name} (helper: {pool.problem})")
+        select.select([pool.fileno()], [], [], 0.2)
+        pool.on_readable()
+    return _spares(pool, name)
+
+
+def test_pool_spares_carry_the_limits_and_confine_like_cgroups_made_on_the_spot(hooks, target, tmp_path):
+    from agent.enforce.cgroupfs import cgroup_mounts
+    from agent.manifest import load_text
+
+    policy = load_text(f'name: pooled\nversion: "1"\nresources: {{pids: 7, memory: 64M}}\n'
+                       f'permissions:\n  tcp:\n    allowlist: ["{WWW}:8080"]\n', "pooled.yaml").policy
+    pool = hooks.start_pool()
+    first = second = None
+    try:
+        first = hooks.attach(policy, [target().pid])  # no spare yet: made here, and more asked for
+        spares = _wait_for_spares(pool, "pooled")
+        helper_made = {c.v2 for c in spares}
+        assert all(os.path.basename(p).startswith("reg-") for p in helper_made)
+        t = target()
+        second = hooks.attach(policy, [t.pid])
+        assert second.cgroup_path in helper_made               # a spare was taken...
+        assert second.cgroup_path not in {c.v2 for c in _spares(pool, "pooled")}
+        where = dict(line.split(":", 2)[1:] for line in Path(f"/proc/{t.pid}/cgroup").read_text().splitlines())
+        assert "/" + os.path.relpath(second.cgroup_path, cgroup_mounts().v2) == where[""]
+        mounts = cgroup_mounts()
+        if "pids" in mounts.v1:                                # ...with the limits written by the helper
+            assert (mounts.v1["pids"] / where["pids"].lstrip("/") / "pids.max").read_text().strip() == "7"
+        assert t.tcp(WWW, 8081) == EPERM                       # and it confines
+        assert _ok(t.tcp(WWW, 8080))
+        left = [c.v2 for c in _spares(pool, "pooled")]
+        assert left and all(os.path.isdir(p) for p in left)
+    finally:
+        for attachment in (first, second):
+            if attachment is not None:
+                hooks.detach(attachment.skill_id)
+        hooks.pool.close()
+        hooks.pool = None
+    assert not any(os.path.exists(p) for p in left)          # spares go with the pool
+    assert not pool.pid
+
+
+def test_pool_falls_back_to_making_cgroups_when_its_helper_is_gone(hooks, target, tmp_path):
+    from agent.manifest import load_text
+
+    policy = load_text('name: poolgone\nversion: "1"\n', "poolgone.yaml").policy
+    pool = hooks.start_pool()
+    try:
+        os.kill(pool.pid, signal.SIGKILL)
+        os.waitpid(pool.pid, 0)
+        pool.pid = 0
+        attachment = hooks.attach(policy, [target().pid])  # made here; asking the helper fails...
+        pool.on_readable()
+        assert pool.sock is None and pool.problem              # ...and the pool stops asking
+        assert os.path.isdir(attachment.cgroup_path)
+        assert hooks.attach(policy, [target().pid]).cgroup_path != attachment.cgroup_path
+    finally:
+        for a in hooks.attachments():
+            if a.name == "poolgone":
+                hooks.detach(a.skill_id)
+        hooks.pool.close()
+        hooks.pool = None
+
+
+def test_spares_left_by_a_killed_agent_are_removed_and_nothing_else(lab):
+    from agent.attach.cgroup_pool import remove_stale_spares
+    from agent.enforce.cgroupfs import cgroup_mounts
+
+    mounts = cgroup_mounts()
+    subtree = SUBTREE + "-spares"
+    v2 = mounts.v2 / subtree / "sk"
+    stale, kept_in_use, populated, launched = (v2 / "reg-aaaa", v2 / "reg-bbbb", v2 / "reg-cccc", v2 / "run-1")
+    v1_stale = [m / subtree / "sk" / "reg-aaaa" for c, m in mounts.v1.items() if c in ("memory", "pids", "cpu")]
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        for d in (stale, kept_in_use, populated, launched, *v1_stale):
+            d.mkdir(parents=True)
+        (populated / "cgroup.procs").write_text(str(sleeper.pid))
+        removed = remove_stale_spares(mounts.v2, mounts.v1, subtree, {os.stat(kept_in_use).st_ino})
+        assert removed == 1
+        assert not stale.exists() and not any(p.exists() for p in v1_stale)
+        assert kept_in_use.is_dir() and populated.is_dir() and launched.is_dir()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        for d in (populated, kept_in_use, launched, stale, *v1_stale):
+            for _ in range(50):
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.02)
+        for top in [mounts.v2] + [m for c, m in mounts.v1.items() if c in ("memory", "pids", "cpu")]:
+            for d in (top / subtree / "sk", top / subtree):
+                try:
+                    d.rmdir()
+                except OSError:
+                    pass

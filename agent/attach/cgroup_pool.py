@@ -1,0 +1,278 @@
+"""Empty skill cgroups made ahead of time by a helper process.
+
+Making a registered skill's cgroup (mkdir in v2 and in the memory, pids
+and cpu v1 hierarchies, then the limit writes) was the largest part of a
+registration's CPU time in the daemon (~0.4 ms of ~1.5 ms on the
+development VM; the kernel's cgroup_mkdir is most of it). The daemon is one
+thread and forks supervisors, so the work goes to a *process*: a child
+forked once, which makes cgroups with `SkillCgroup.create` for a (skill
+name, limits) on request and sends their paths back. `Hooks.attach` takes a
+spare when there is one, and makes the cgroup itself (as before) when there
+is none, so the pool only changes where the time is spent.
+
+Spares are made at their final place, `<subtree>/<skill>/reg-<hex>`, with
+the skill's limits already written: cgroup v2 refuses rename(2)
+(kernel/cgroup/cgroup.c has no `.rename` in cgroup_kf_syscall_ops, only
+cgroup-v1 does; EPERM here), so a directory cannot be made under another
+name and moved into place. A spare holds no process and has no map entries
+or nft elements, so it grants nothing; it becomes a skill's cgroup when
+`attach` writes its entries and moves processes into it, in the same order
+as with a cgroup made on the spot. Spares left by a daemon that was killed
+are removed at the next start (`remove_stale_spares`); the helper dies with
+the daemon (PR_SET_PDEATHSIG).
+"""
+from __future__ import annotations
+
+import errno
+import gc
+import json
+import os
+import secrets
+import signal
+import socket
+from collections import OrderedDict, deque
+from typing import Optional
+
+SPARE_PREFIX = "reg-"
+LOW_WATER = 16  # ask for more when a key has fewer spares than this
+BATCH = 24  # cgroups per request
+MAX_KEYS = 16  # (skill, limits) pairs with spares; the least recently used is dropped
+_MAX_MESSAGE = 1 << 20
+
+
+def new_instance() -> str:
+    """An instance directory name for a registered skill's cgroup."""
+    return SPARE_PREFIX + secrets.token_hex(6)
+
+
+def limits_key(limits) -> tuple:
+    return (limits.memory_bytes, limits.cpu, limits.pids)
+
+
+class CgroupPool:
+    """The daemon's side: spares by (skill name, limits), refilled by the helper."""
+
+    def __init__(self, mounts, root: str, *, low_water: int = LOW_WATER, batch: int = BATCH):
+        self.mounts = mounts
+        self.root = root
+        self.low_water = low_water
+        self.batch = batch
+        self.spares: "OrderedDict[tuple, deque]" = OrderedDict()
+        self.pending: set[tuple] = set()  # keys with a request in flight
+        self.problem: Optional[str] = None  # why the helper stopped, if it did
+        self.made = 0
+        self.taken = 0
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        daemon_pid = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                parent.close()
+                _helper(child, mounts, root, daemon_pid)
+            except BaseException:  # noqa: BLE001 - a forked child must never return
+                code = 1
+            finally:
+                os._exit(code)
+        child.close()
+        parent.setblocking(False)
+        self.sock = parent
+        self.pid = pid
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    # -- taking --
+
+    def take(self, skill: str, limits):
+        """A spare SkillCgroup for `skill` with these limits, or None (make one then).
+        Either way, ask for more when few are left."""
+        key = (skill, limits_key(limits))
+        queue = self.spares.get(key)
+        cgroup = None
+        if queue:
+            cgroup = queue.popleft()
+            self.taken += 1
+        if queue is None:
+            queue = self.spares[key] = deque()
+            self._evict()
+        else:
+            self.spares.move_to_end(key)
+        if len(queue) < self.low_water and key not in self.pending and self.sock is not None:
+            self._request({"op": "make", "skill": skill, "limits": list(key[1]), "count": self.batch})
+            self.pending.add(key)
+        return cgroup
+
+    def _evict(self) -> None:
+        while len(self.spares) > MAX_KEYS:
+            _key, queue = self.spares.popitem(last=False)
+            if queue:
+                self._request({"op": "drop", "cgroups": [_paths(c) for c in queue]})
+
+    def _request(self, message: dict) -> None:
+        try:
+            self.sock.send(json.dumps(message).encode())
+        except (BlockingIOError, InterruptedError):
+            pass  # the helper is behind; the next take() asks again
+        except OSError as exc:
+            self.stop(f"sending to the helper: {exc.strerror or exc}")
+
+    # -- answers, read from the event loop --
+
+    def on_readable(self) -> None:
+        from agent.enforce.cgroup import SkillCgroup
+
+        while self.sock is not None:
+            try:
+                data = self.sock.recv(_MAX_MESSAGE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.stop(f"reading from the helper: {exc.strerror or exc}")
+                return
+            if not data:
+                self.stop("the helper exited")
+                return
+            answer = json.loads(data)
+            key = (answer["skill"], tuple(answer["limits"]))
+            self.pending.discard(key)
+            made = [SkillCgroup(v2, v1, applied, cg) for v2, v1, applied, cg in answer["made"]]
+            self.made += len(made)
+            queue = self.spares.get(key)
+            if queue is None:  # evicted meanwhile
+                if made:
+                    self._request({"op": "drop", "cgroups": [_paths(c) for c in made]})
+            else:
+                queue.extend(made)
+            if answer.get("error") and not made:
+                self.problem = answer["error"]
+
+    def stop(self, why: str) -> None:
+        self.problem = why
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        self.pending.clear()
+
+    def spare_count(self) -> int:
+        return sum(len(q) for q in self.spares.values())
+
+    # -- end --
+
+    def close(self) -> None:
+        """Remove every spare and end the helper."""
+        for queue in self.spares.values():
+            for cgroup in queue:
+                _rmdir_all(_paths(cgroup))
+        self.spares.clear()
+        if self.sock is not None:
+            self.sock.close()  # the helper reads EOF and exits
+            self.sock = None
+        if self.pid:
+            try:
+                os.waitpid(self.pid, 0)
+            except ChildProcessError:
+                pass
+            self.pid = 0
+
+
+def _paths(cgroup) -> list[str]:
+    return list(cgroup.v1.values()) + ([cgroup.v2] if cgroup.v2 is not None else [])
+
+
+def _rmdir_all(paths) -> None:
+    for path in paths:
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass
+
+
+# ---- the helper process -----------------------------------------------------
+
+def _helper(sock: socket.socket, mounts, root: str, daemon_pid: int) -> None:
+    from agent.enforce.cgroup import CgroupError, LimitValues, SkillCgroup
+    from agent.enforce.libc import PR_SET_PDEATHSIG, prctl
+
+    # Nothing inherited may be finalised here: garbage of the daemon's (a
+    # socket object, say) would close an fd number this process reuses.
+    # Everything the fork inherited goes to the permanent generation.
+    gc.freeze()
+    # Die with the daemon; it may already be gone (the fork raced its exit).
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != daemon_pid:
+        return
+    try:
+        signal.set_wakeup_fd(-1)  # the event loop's, closed below
+    except ValueError:
+        pass
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+    keep = sock.fileno()
+    # Nothing of the daemon's stays open here: not its listening socket, not
+    # the state root lock (a flock held by this copy would keep a restarted
+    # daemon out), not the BPF or netlink fds.
+    os.closerange(3, keep)
+    os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+    sock.setblocking(True)
+    while True:
+        try:
+            data = sock.recv(_MAX_MESSAGE)
+        except InterruptedError:
+            continue
+        if not data:
+            return
+        request = json.loads(data)
+        if request.get("op") == "drop":
+            for paths in request["cgroups"]:
+                _rmdir_all(paths)
+            continue
+        memory_bytes, cpu, pids = request["limits"]
+        limits = LimitValues(memory_bytes, cpu, pids)
+        made, error = [], None
+        for _ in range(int(request["count"])):
+            try:
+                cgroup = SkillCgroup.create(request["skill"], new_instance(), limits, mounts=mounts, root=root)
+            except (CgroupError, OSError) as exc:
+                error = str(exc)
+                break
+            made.append([cgroup.v2, cgroup.v1, cgroup.limits_applied(), cgroup.id])
+        answer = {"skill": request["skill"], "limits": request["limits"], "made": made, "error": error}
+        try:
+            sock.send(json.dumps(answer).encode())
+        except OSError as exc:
+            if exc.errno in (errno.EPIPE, errno.ECONNRESET):
+                for entry in made:
+                    _rmdir_all(list(entry[1].values()) + [entry[0]])
+                return
+            raise
+
+
+def remove_stale_spares(v2_mount, v1_mounts: dict, root: str, in_use: set[int]) -> int:
+    """rmdir spares an earlier daemon left (its helper made them, nobody took
+    them): `reg-*` instance directories whose cgroup id is not in `in_use`
+    (the ids in the pinned `skills` map) and which hold no process. Returns
+    how many were removed."""
+    removed = 0
+    top = os.path.join(v2_mount, root)
+    try:
+        skills = [e for e in os.scandir(top) if e.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return 0
+    for skill in skills:
+        try:
+            instances = [e for e in os.scandir(skill.path) if e.is_dir(follow_symlinks=False)
+                         and e.name.startswith(SPARE_PREFIX)]
+        except FileNotFoundError:
+            continue
+        for inst in instances:
+            try:
+                if inst.inode() in in_use:
+                    continue
+                os.rmdir(inst.path)  # EBUSY when it holds a process: then it is left alone
+            except OSError:
+                continue
+            removed += 1
+            rel = os.path.join(root, skill.name, inst.name)
+            _rmdir_all(os.path.join(m, rel) for m in v1_mounts.values())
+    return removed
