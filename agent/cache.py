@@ -26,33 +26,16 @@ from typing import Callable, Optional, TypeVar
 
 T = TypeVar("T")
 CACHE_ENV = "SKILLGUARD_NO_CACHE"  # set to 1 to compute everything afresh
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _fingerprint: list[bytes] = []
 
 
 def code_fingerprint() -> bytes:
     """Digest of the version and the (path, size, mtime) of every source and profile file."""
-    if _fingerprint:
-        return _fingerprint[0]
-    from agent import __version__
+    if not _fingerprint:
+        from agent import __version__
+        from agent.launch.plan_cache import code_stamp
 
-    digest = hashlib.sha256(__version__.encode())
-    for top in ("agent", "policies"):
-        stack = [os.path.join(_REPO, top)]
-        while stack:
-            directory = stack.pop()
-            try:
-                entries = sorted(os.scandir(directory), key=lambda e: e.name)
-            except OSError:
-                continue
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    if entry.name != "__pycache__":
-                        stack.append(entry.path)
-                elif entry.name.endswith((".py", ".yaml", ".json", ".c")):
-                    st = entry.stat(follow_symlinks=False)
-                    digest.update(f"{entry.path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    _fingerprint.append(digest.digest())
+        _fingerprint.append(hashlib.sha256(__version__.encode() + b"\0" + code_stamp()).digest())
     return _fingerprint[0]
 
 

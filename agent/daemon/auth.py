@@ -19,6 +19,8 @@ import struct
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
+from agent.attach.procs import read_proc
+
 # `invoke` changes nothing, but its refusals are violations recorded in a
 # skill's name: a skill must not be able to write those, so it counts here.
 MUTATING = frozenset({"register", "unregister", "launch", "reload", "signal", "invoke"})
@@ -119,23 +121,6 @@ def peer_skill_cgroup(peer: Peer, root_name, known: Iterable[str] = ()) -> Optio
         # looks for the root as a level with more below it, "/<root>/").
         return None
     return skill_cgroup_of(_paths_of(text), roots, known)
-
-
-def read_proc(path: str) -> bytes:
-    """A whole /proc file with open/read/close and no Python file object
-    (which adds fstat, ioctl and lseek calls): a seq_file read(2) returns
-    everything that fits in the buffer (fs/seq_file.c seq_read_iter)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        data = os.read(fd, 65536)
-        if len(data) == 65536:
-            parts = [data]
-            while chunk := os.read(fd, 65536):
-                parts.append(chunk)
-            data = b"".join(parts)
-        return data
-    finally:
-        os.close(fd)
 
 
 def _alive(pidfd: int) -> bool:

@@ -193,25 +193,22 @@ def main() -> int:
         # an attach pays that only when no other fs-observing skill is there.
         # Measured both ways: cold (none attached before each) and while one
         # fs-observing skill stays attached.
-        fs_cold, fs_latencies = [], []
-        for i in range(50):
-            proc = subprocess.Popen(["sleep", "3600"])
-            t = time.perf_counter()
-            a = hooks.attach(fs_policies[i], [proc.pid])
-            fs_cold.append((time.perf_counter() - t) * 1000)
-            hooks.detach(a.skill_id)
-            proc.kill()
-            proc.wait()
+        def fs_attaches() -> list:
+            out = []
+            for i in range(50):
+                proc = subprocess.Popen(["sleep", "3600"])
+                t = time.perf_counter()
+                a = hooks.attach(fs_policies[i], [proc.pid])
+                out.append((time.perf_counter() - t) * 1000)
+                hooks.detach(a.skill_id)
+                proc.kill()
+                proc.wait()
+            return out
+
+        fs_cold = fs_attaches()
         anchor_proc = subprocess.Popen(["sleep", "3600"])
         anchor = hooks.attach(policy("fsobs"), [anchor_proc.pid])
-        for i in range(50):
-            proc = subprocess.Popen(["sleep", "3600"])
-            t = time.perf_counter()
-            a = hooks.attach(fs_policies[i], [proc.pid])
-            fs_latencies.append((time.perf_counter() - t) * 1000)
-            hooks.detach(a.skill_id)
-            proc.kill()
-            proc.wait()
+        fs_latencies = fs_attaches()
         hooks.detach(anchor.skill_id)
         anchor_proc.kill()
         anchor_proc.wait()
