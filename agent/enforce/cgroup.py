@@ -499,6 +499,44 @@ class SkillCgroup:
         return f"SkillCgroup(v2={self.v2}, v1={self.v1}, id={self.id})"
 
 
+def remove_stale_instances(skill: str, prefix: str, mounts, root: str = ROOT_NAME) -> list[str]:
+    """rmdir the instance directories `<root>/<skill>/<prefix><pid>` whose
+    process `pid` is gone, in every hierarchy: what a supervisor killed with
+    SIGKILL could not remove. A live pid's (or a reused pid's) directory is
+    left alone, and rmdir refuses a populated cgroup (EBUSY), so nothing in
+    use is touched. Returns the directories removed."""
+    removed = []
+    dirs = ([mounts.v2] if mounts.v2 is not None else []) + list(mounts.v1.values())
+    for mount in dirs:
+        parent = os.path.join(os.fspath(mount), root, safe_name(skill))
+        try:
+            names = os.listdir(parent)
+        except OSError:
+            continue
+        for name in names:
+            if not name.startswith(prefix) or not name[len(prefix):].isdigit():
+                continue
+            pid = int(name[len(prefix):])
+            try:
+                os.kill(pid, 0)
+                continue  # alive (or a reused pid): not ours to judge
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+            try:
+                os.rmdir(os.path.join(parent, name))
+                removed.append(os.path.join(parent, name))
+            except OSError:
+                pass
+        if removed:
+            try:
+                os.rmdir(parent)  # the skill level, when nothing else is in it
+            except OSError:
+                pass
+    return removed
+
+
 def cgroup_id(v2_dir) -> int:
     """The id bpf_get_current_cgroup_id() returns for tasks in `v2_dir`: the
     kernfs inode number (fs/kernfs: ino = kn->id on 64-bit)."""

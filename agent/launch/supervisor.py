@@ -180,7 +180,7 @@ class Supervisor:
                 landlock = dict(landlock, rules=[
                     (f"/proc/self/fd/{exec_fd}" if path == PINNED_EXEC_FD else path, bits, origin)
                     for path, bits, origin in landlock["rules"]])
-        from agent.enforce.cgroup import CgroupError, LimitValues, SkillCgroup
+        from agent.enforce.cgroup import CgroupError, LimitValues, SkillCgroup, remove_stale_instances
 
         spec = plan["cgroup"]
         mounts = _CgroupMounts(spec["v2"], spec["v1"])
@@ -189,6 +189,8 @@ class Supervisor:
                                              LimitValues(*spec["limits"]), mounts)
         except CgroupError as exc:
             raise LaunchError("cgroup", str(exc)) from None
+        for path in remove_stale_instances(spec["skill"], "run-", mounts):
+            self.note(f"cgroup: removed {path}, left by a supervisor that was killed")
         # The binds (and the idmapping user namespaces they need, which take
         # a helper process to make) are made after the fork, while the child
         # unshares its namespaces: _send_binds.

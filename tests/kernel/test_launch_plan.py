@@ -137,8 +137,20 @@ def test_the_skill_starts_inside_its_cgroups(area):
                     if Path(f"/proc/{p}/comm").read_text().strip() == "sleep"}
         assert len(sleeping) == 1, members
     finally:
-        proc.kill()
+        proc.kill()  # SIGKILL: the supervisor cannot remove the skill's cgroups
         proc.wait()
+    # The next launch of the skill removes what the killed supervisor left.
+    stale = [Path(root, "skillguard", "plan-cgroup", f"run-{proc.pid}") for root in hierarchies]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(
+            (p / "cgroup.procs").exists() and (p / "cgroup.procs").read_text().split() for p in stale):
+        time.sleep(0.05)  # the init and the skill die with their supervisor (PDEATHSIG)
+    assert all(p.is_dir() for p in stale)
+    again = subprocess.run([COMMAND, "run", "--manifest", str(manifest), "--", "/bin/true"],
+                           cwd=str(area), env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert not any(p.exists() for p in stale), stale
+    assert "left by a supervisor that was killed" in again.stderr
 
 
 def test_a_changed_manifest_or_owner_is_not_served_from_the_stored_plan(area):

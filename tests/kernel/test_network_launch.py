@@ -350,6 +350,20 @@ def test_nothing_is_left_after_the_supervisor_is_sigkilled(lab):
     ok, links, holders = _gone(lab, netns)
     assert ok, f"left behind after SIGKILL: links {links}, netns held by {holders}"
     assert lab.host_tables() == ["table inet skillguard_nat"]
+    # The killed supervisor's cgroup directories (empty once its skill died)
+    # are what the skill's next launch removes (agent/launch/supervisor.py).
+    from agent.enforce.cgroup import remove_stale_instances
+    from agent.enforce.cgroupfs import cgroup_mounts
+
+    mounts = cgroup_mounts()
+    left = [Path(m, "skillguard", "net-kill", f"run-{proc.pid}")
+            for m in [mounts.v2, *mounts.v1.values()] if m is not None]
+    assert any(p.is_dir() for p in left), "the killed supervisor's cgroups should still be there"
+    deadline = time.monotonic() + 10
+    while any(p.exists() for p in left) and time.monotonic() < deadline:
+        remove_stale_instances("net-kill", "run-", mounts)  # EBUSY until the init has died
+        time.sleep(0.05)
+    assert not any(p.exists() for p in left), left
 
 
 def test_two_skills_do_not_see_each_others_grants(lab):
