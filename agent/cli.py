@@ -179,32 +179,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         policy = _load_cached(args.manifest, cache_root, warnings) if _bare_manifest_allowed(args) else None
     if policy is None:
         return 125
-    from agent.events.violation import JsonLinesSink
-    from agent.launch.supervisor import LaunchError, RunOptions, make_plan, run
+    from agent.fastrun import launch
+    from agent.launch.supervisor import RunOptions
 
     command = list(args.command)
     if command[:1] == ["--"]:
         command = command[1:]
-    try:
-        sink = JsonLinesSink(path=args.events) if args.events else JsonLinesSink.stderr()
-    except OSError as exc:
-        print(f"skillguard: error: events: {args.events}: {exc.strerror}", file=sys.stderr)
-        return 125
     options = RunOptions(argv=tuple(command), audit=args.audit, state_root=args.state_root,
                          uid_range=args.uid_range, cwd=args.cwd)
-    try:
-        plan = make_plan(policy, options)
-        if not (args.package or args.config or args.state_root or args.uid_range or args.cwd) \
-                and cache_root is not None:
+    keep = None
+    if not (args.package or args.config or args.state_root or args.uid_range or args.cwd) \
+            and cache_root is not None:
+        def keep(plan):  # for the next `run` of the same inputs (agent/fastrun.py)
             _store_plan(args, command, cache_root, plan, warnings)
-        outcome = run(policy, options, emit=sink.emit, plan=plan,
-                      note=lambda text: print(f"skillguard: note: {text}", file=sys.stderr))
-    except LaunchError as exc:
-        print(f"skillguard: error: {exc} (the skill was not started)", file=sys.stderr)
-        return 127 if exc.layer == "exec" else 125
-    finally:
-        sink.close()
-    return outcome.exit_code
+    return launch(policy, options, args.events, keep=keep)
 
 
 def _store_plan(args, command: list, cache_root: str, plan: dict, warnings: list) -> None:

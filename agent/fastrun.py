@@ -55,27 +55,6 @@ def _parse_run(argv: list[str]):
     return manifest, events, audit, local, argv[i:]
 
 
-class _Sink:
-    """JSON lines to a file (O_APPEND, one write per line) or stderr, like
-    agent.events.violation.JsonLinesSink, without importing it until an
-    event happens."""
-
-    def __init__(self, path: str | None):
-        self.fd = 2 if path is None else os.open(
-            path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self.owned = path is not None
-
-    def emit(self, violation) -> None:
-        line = (violation.to_json() + "\n").encode()
-        if not self.owned:
-            sys.stderr.flush()
-        os.write(self.fd, line)
-
-    def close(self) -> None:
-        if self.owned:
-            os.close(self.fd)
-
-
 def _note(text: str) -> None:
     print(f"skillguard: note: {text}", file=sys.stderr)
 
@@ -106,16 +85,30 @@ def fast_run(parsed) -> int | None:
         return None  # a daemon may be there: the full CLI asks it
     for line in record["warnings"]:
         print(line, file=sys.stderr)
+    from agent.launch.supervisor import RunOptions
+
+    return launch(None, RunOptions(argv=command, audit=audit), events, plan=record["plan"])
+
+
+def launch(policy, options, events: str | None, *, plan: dict | None = None, keep=None) -> int:
+    """Run a skill as the `run` command reports it: violations to `events`
+    (JSON lines; stderr when None), notes to stderr, and the skill's exit
+    code, or 125 (127 when the exec failed) after saying which layer could
+    not be set up. Without `plan`, the plan is made now and given to `keep`."""
+    from agent.events.violation import JsonLinesSink
+    from agent.launch.supervisor import LaunchError, make_plan, run
+
     try:
-        sink = _Sink(events)
+        sink = JsonLinesSink(path=events) if events else JsonLinesSink.stderr()
     except OSError as exc:
         print(f"skillguard: error: events: {events}: {exc.strerror}", file=sys.stderr)
         return 125
-    from agent.launch.supervisor import LaunchError, RunOptions, run
-
     try:
-        outcome = run(None, RunOptions(argv=command, audit=audit), emit=sink.emit, note=_note,
-                      plan=record["plan"])
+        if plan is None:
+            plan = make_plan(policy, options)
+            if keep is not None:
+                keep(plan)
+        outcome = run(policy, options, emit=sink.emit, note=_note, plan=plan)
     except LaunchError as exc:
         print(f"skillguard: error: {exc} (the skill was not started)", file=sys.stderr)
         return 127 if exc.layer == "exec" else 125

@@ -152,10 +152,11 @@ def _drop_identity(uid: int, gid: int) -> None:
 def _landlock(fitted: dict) -> None:
     from agent.enforce.landlock_sys import probe_abi, restrict
 
-    if probe_abi() != fitted["abi"]:
-        # The plan was fitted to another ABI (a stored plan after a kernel
-        # change): the supervisor checks this before forking; never guess here.
-        raise RuntimeError(f"Landlock ABI is {probe_abi()}, the plan was made for {fitted['abi']}")
+    abi = probe_abi()
+    if abi != fitted["abi"]:
+        # The plan was fitted to another ABI; stored plans are keyed by the
+        # kernel release (plan_cache.py), so this is never a guess to make here.
+        raise RuntimeError(f"Landlock ABI is {abi}, the plan was made for {fitted['abi']}")
     restrict(fitted)
 
 

@@ -196,10 +196,9 @@ def _describe_fd(fd: int) -> str:
 class ExecSupervisor:
     """Answers the execve/execveat notifications of one launched skill."""
 
-    def __init__(self, rules: ExecRules, init_pid: int, *, audit: bool,
+    def __init__(self, rules: ExecRules, *, audit: bool,
                  emit: Callable[..., None]):
         self.rules = rules
-        self.init_pid = init_pid
         self.audit = audit
         self.emit = emit  # emit(pid=, operation=, decision=, rule=, detail=)
 

@@ -11,18 +11,18 @@ A plan depends on the filesystem as well as on its inputs (which base
 profile paths exist, where PATH finds a program, which file a rule names,
 who owns a granted directory). Every path the compilers looked at is
 recorded with its stat() in `plan["witness"]`; a stored plan is used only
-while every witness still holds (`witness_holds`).
+while every witness still holds (`plan_cache.witness_holds`).
 """
 from __future__ import annotations
 
 import os
 
+from agent.launch.plan_cache import stat_key
+
 PLAN_VERSION = 1
 PINNED_EXEC_FD = "\0pinned-exec-fd"  # a Landlock rule path the supervisor fills in: /proc/self/fd/N
-# What a pinned entrypoint's file rule grants (compile.landlock.EXECUTE_FILE).
 
 
-from agent.launch.plan_cache import stat_key, witness_holds  # noqa: E402,F401
 
 
 class _Recorder:
@@ -30,7 +30,7 @@ class _Recorder:
 
     def __init__(self):
         self.seen: dict[str, object] = {}
-        self.cacheable = True  # False once a look-up cannot be witnessed by stat()
+        self.cacheable = True  # False: never store this plan (a network grant)
 
     def note(self, path: str, listed: bool = False) -> None:
         if path not in self.seen or listed:

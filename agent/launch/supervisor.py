@@ -314,17 +314,12 @@ class Supervisor:
         self.pid = pid
         try:
             self._send_binds(pid, parent_sock)
+            if self.network is not None:
+                self._attach_network(pid, parent_sock)
         except BaseException:
             parent_sock.close()
             os.close(err_r)
             raise
-        if self.network is not None:
-            try:
-                self._attach_network(pid, parent_sock)
-            except BaseException:
-                parent_sock.close()
-                os.close(err_r)
-                raise
         previous = {s: _signal.signal(s, self._forward) for s in FORWARDED}
         try:
             status, started, listener, wait_status = self._supervise(pid, parent_sock, err_r)
@@ -514,7 +509,7 @@ class Supervisor:
             from agent.launch.exec_supervisor import ExecSupervisor
 
             self._exec = ExecSupervisor(
-                pickle.loads(self.plan["exec_rules"]), self.pid, audit=self.audit,
+                pickle.loads(self.plan["exec_rules"]), audit=self.audit,
                 emit=lambda **fields: self.emit(layer="exec", **fields))
         self._exec.handle(listener, request)
 

@@ -47,8 +47,9 @@ def _attr(kind: int, payload: bytes) -> bytes:
     return _NLATTR.pack(size, kind) + payload + b"\0" * ((4 - size % 4) % 4)
 
 
-def _attrs(data: bytes) -> Iterator[tuple[int, bytes]]:
-    offset = 0
+def attrs(data: bytes, offset: int = 0) -> Iterator[tuple[int, bytes]]:
+    """(type, payload) of each netlink attribute in `data` from `offset`
+    (also agent/net/rtnl.py's extended acks)."""
     while offset + _NLATTR.size <= len(data):
         size, kind = _NLATTR.unpack_from(data, offset)
         if size < _NLATTR.size:
@@ -94,7 +95,7 @@ def parse_messages(data: bytes) -> Iterator[Packet]:
         if kind == (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET:
             body = data[offset + _NLMSGHDR.size + _NFGENMSG.size:offset + length]
             prefix, payload = "", b""
-            for attr, value in _attrs(body):
+            for attr, value in attrs(body):
                 if attr == NFULA_PREFIX:
                     prefix = value.split(b"\0", 1)[0].decode(errors="replace")
                 elif attr == NFULA_PAYLOAD:

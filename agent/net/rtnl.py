@@ -19,6 +19,8 @@ import socket
 import struct
 from typing import Iterator, Optional, Union
 
+from agent.net.nflog import attrs
+
 NETLINK_ROUTE = 0
 SOL_NETLINK, NETLINK_CAP_ACK, NETLINK_EXT_ACK = 270, 10, 11
 NLMSG_ERROR, NLMSG_DONE = 2, 3
@@ -34,22 +36,12 @@ IFF_UP = 0x1
 TIMEOUT_S = 5.0  # the kernel answers within its sendmsg(); never hang a launch on it
 
 _NLMSGHDR = struct.Struct("=IHHII")
-_NLATTR = struct.Struct("=HH")
 
 Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
 
 class RtnlError(OSError):
     pass
-
-
-def _attrs(data: bytes, offset: int = 0) -> Iterator[tuple[int, bytes]]:
-    while offset + _NLATTR.size <= len(data):
-        size, kind = _NLATTR.unpack_from(data, offset)
-        if size < _NLATTR.size:
-            return
-        yield kind & 0x3FFF, data[offset + _NLATTR.size:offset + size]
-        offset += (size + 3) & ~3
 
 
 def _family(address: Address) -> int:
@@ -167,7 +159,7 @@ class Rtnl:
             return None
         reason = ""
         if flags & NLM_F_ACK_TLVS:  # struct nlmsgerr: error, then the request's header (capped), then TLVs
-            for kind, value in _attrs(payload, 4 + _NLMSGHDR.size):
+            for kind, value in attrs(payload, 4 + _NLMSGHDR.size):
                 if kind == NLMSGERR_ATTR_MSG:
                     reason = value.split(b"\0", 1)[0].decode(errors="replace")
         return RtnlError(code, f"{what}: {os.strerror(code)}" + (f" ({reason})" if reason else ""))

@@ -459,7 +459,7 @@ def test_exec_stays_denied_when_the_listener_holder_dies(tree):
             import select
 
             events = []
-            handler = ExecSupervisor(rules, init_pid=-1, audit=False,
+            handler = ExecSupervisor(rules, audit=False,
                                      emit=lambda **f: events.append(f))
             from agent.launch import notify
 

@@ -5,7 +5,7 @@ import struct
 
 import pytest
 
-from agent.net import rtnl
+from agent.net import nflog, rtnl
 from agent.net.nflog import parse_payload
 
 
@@ -28,7 +28,7 @@ def test_nflog_finds_tcp_behind_a_routing_header():
 
 
 def _attrs(body: bytes, offset: int) -> dict:
-    return dict(rtnl._attrs(body, offset))
+    return dict(nflog.attrs(body, offset))
 
 
 # include/uapi/linux/if_link.h, if_addr.h, rtnetlink.h, veth.h: checked here
