@@ -4,7 +4,6 @@ No root and no state-changing system calls here; the same policy always
 compiles to the same bytes. Submodules import libseccomp lazily, so that
 loading a manifest stays cheap.
 """
-from __future__ import annotations
 
 # Lazy: importing a single compiler (or agent.compile.env from the launcher)
 # must not import the manifest model (bench/launch).

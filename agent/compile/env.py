@@ -7,8 +7,6 @@ skills are not set-uid), the interpreters' (PYTHON*, NODE_OPTIONS, PERL5*,
 RUBY*, JAVA_TOOL_OPTIONS, ...) and the shells' start-up hooks (BASH_ENV,
 ENV, PS4 via SHELLOPTS=xtrace).
 """
-from __future__ import annotations
-
 # Imported by the launcher on every launch (`filter_env`): nothing heavy here.
 
 # Taken from the caller's environment when present.

@@ -10,11 +10,11 @@ Kernel references: Documentation/admin-guide/cgroup-v2.rst,
 Documentation/admin-guide/cgroup-v1/{memory,pids,freezer-subsystem}.rst,
 Documentation/scheduler/sched-bwc.rst.
 """
-from __future__ import annotations
-
 import errno
-import os
+import posix
 import time
+
+from agent import oslite
 
 # Nothing heavy at import: the launcher's child and `skillguard run` use this
 # module (bench/launch). Paths are strings; `v2_path`/`v1_paths` give Paths.
@@ -127,11 +127,11 @@ def parse_flat_keyed(text: str) -> dict[str, int]:
 
 def _write(path: str, value: str, controller: str) -> None:
     try:
-        fd = os.open(path, os.O_WRONLY)
+        fd = posix.open(path, posix.O_WRONLY)
         try:
-            os.write(fd, value.encode())
+            posix.write(fd, value.encode())
         finally:
-            os.close(fd)
+            posix.close(fd)
     except OSError as e:
         raise CgroupError(controller, f"writing {value!r} to {path}: {e.strerror}") from e
 
@@ -158,9 +158,9 @@ def _mkdir_path(mount: str, parts: tuple[str, ...], controller: str,
     The leaf must be new: an instance name is unique per launch."""
     # The parents usually exist (an earlier instance made them): try the leaf
     # alone first, one mkdir instead of one per level.
-    leaf = os.path.join(mount, *parts)
+    leaf = oslite.join(mount, *parts)
     try:
-        os.mkdir(leaf, 0o755)
+        posix.mkdir(leaf, 0o755)
         created.append(leaf)
         return leaf
     except FileExistsError:
@@ -175,9 +175,9 @@ def _mkdir_path(mount: str, parts: tuple[str, ...], controller: str,
         path = mount
         try:
             for i, part in enumerate(parts):
-                path = os.path.join(path, part)
+                path = oslite.join(path, part)
                 try:
-                    os.mkdir(path, 0o755)
+                    posix.mkdir(path, 0o755)
                     created.append(path)
                 except FileExistsError:
                     if i == len(parts) - 1:
@@ -201,12 +201,12 @@ class SkillCgroup:
     """The cgroup(s) of one running skill instance."""
 
     def __init__(self, v2_path, v1_paths: dict, applied: dict[str, str], cgroup_id: int | None):
-        self.v2 = os.fspath(v2_path) if v2_path is not None else None
-        self.v1 = {ctrl: os.fspath(path) for ctrl, path in v1_paths.items()}
+        self.v2 = posix.fspath(v2_path) if v2_path is not None else None
+        self.v1 = {ctrl: posix.fspath(path) for ctrl, path in v1_paths.items()}
         self.id = cgroup_id  # inode of the v2 directory (cgroup id); None without v2
         self._applied = dict(applied)
         # Precomputed so that add() in a forked child only opens and writes.
-        self._procs_files = [os.path.join(p, "cgroup.procs") for p in self._all_dirs()]
+        self._procs_files = [oslite.join(p, "cgroup.procs") for p in self._all_dirs()]
 
     @property
     def v2_path(self):
@@ -234,18 +234,18 @@ class SkillCgroup:
         except BaseException:
             for path in reversed(created):
                 try:
-                    os.rmdir(path)
+                    posix.rmdir(path)
                 except OSError:
                     pass
             raise
 
     @classmethod
     def _create(cls, parts, limits, mounts, created: list[str]) -> "SkillCgroup":
-        v2_mount = os.fspath(mounts.v2) if mounts.v2 is not None else None
-        v1_mounts = {ctrl: os.fspath(path) for ctrl, path in mounts.v1.items()}
+        v2_mount = posix.fspath(mounts.v2) if mounts.v2 is not None else None
+        v1_mounts = {ctrl: posix.fspath(path) for ctrl, path in mounts.v1.items()}
         v2_offered = set()
         if v2_mount is not None:
-            v2_offered = set(_read(os.path.join(v2_mount, "cgroup.controllers")).split())
+            v2_offered = set(_read(oslite.join(v2_mount, "cgroup.controllers")).split())
         placement: dict[str, str] = {}
         for ctrl in LIMITED_CONTROLLERS:
             if ctrl in v2_offered:
@@ -272,7 +272,7 @@ class SkillCgroup:
                 cls._write_limits(v1_paths[ctrl], v1_limit_files(limits, ctrl), ctrl)
         # Without v2 `cgroup.freeze` (< 5.2, or no v2), kill() needs the v1
         # freezer to stop forks while it signals.
-        if v2_path is None or not os.path.exists(os.path.join(v2_path, "cgroup.freeze")):
+        if v2_path is None or not oslite.exists(oslite.join(v2_path, "cgroup.freeze")):
             if "freezer" not in v1_mounts:
                 raise CgroupError("freezer", "no cgroup v2 cgroup.freeze and no "
                                              "v1 freezer hierarchy: a skill could not be killed reliably")
@@ -282,7 +282,7 @@ class SkillCgroup:
                    for c in LIMITED_CONTROLLERS}
         # The kernfs inode number is the cgroup id that bpf_get_current_cgroup_id()
         # returns (fs/kernfs: ino = kn->id on 64-bit).
-        cgroup_id = os.stat(v2_path).st_ino if v2_path is not None else None
+        cgroup_id = posix.stat(v2_path).st_ino if v2_path is not None else None
         return cls(v2_path, v1_paths, applied, cgroup_id)
 
     @staticmethod
@@ -295,14 +295,14 @@ class SkillCgroup:
             level = mount
             for part in parts:
                 _enable_subtree(level, ctrls)
-                level = os.path.join(level, part)
+                level = oslite.join(level, part)
         return leaf
 
     @staticmethod
     def _write_limits(path: str, pairs: list[tuple[str, str]], ctrl: str) -> None:
         for name, value in pairs:
-            target = os.path.join(path, name)
-            if name in OPTIONAL_LIMIT_FILES and not os.path.exists(target):
+            target = oslite.join(path, name)
+            if name in OPTIONAL_LIMIT_FILES and not oslite.exists(target):
                 continue
             _write(target, value, ctrl)
 
@@ -322,11 +322,11 @@ class SkillCgroup:
         data = str(pid).encode()
         for procs in self._procs_files:
             try:
-                fd = os.open(procs, os.O_WRONLY)
+                fd = posix.open(procs, posix.O_WRONLY)
                 try:
-                    os.write(fd, data)
+                    posix.write(fd, data)
                 finally:
-                    os.close(fd)
+                    posix.close(fd)
             except OSError as e:
                 raise CgroupError("cgroup", f"moving pid {pid} into {procs}: {e.strerror}") from e
 
@@ -341,13 +341,13 @@ class SkillCgroup:
         whole process. Safe in a forked child before exec.
         """
         for path in self.v1.values():
-            tasks = os.path.join(path, "tasks")
+            tasks = oslite.join(path, "tasks")
             try:
-                fd = os.open(tasks, os.O_WRONLY)
+                fd = posix.open(tasks, posix.O_WRONLY)
                 try:
-                    os.write(fd, b"0")
+                    posix.write(fd, b"0")
                 finally:
-                    os.close(fd)
+                    posix.close(fd)
             except OSError as e:
                 raise CgroupError("cgroup", f"moving the launcher into {tasks}: {e.strerror}") from e
 
@@ -356,7 +356,7 @@ class SkillCgroup:
         if self.v2 is None:
             return None
         try:
-            return os.open(self.v2, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            return posix.open(self.v2, posix.O_RDONLY | posix.O_DIRECTORY | posix.O_CLOEXEC)
         except OSError as e:
             raise CgroupError("cgroup", f"open {self.v2}: {e.strerror}") from e
 
@@ -386,11 +386,11 @@ class SkillCgroup:
         """
         where = self._applied["memory"]
         if where == "v2":
-            ev = parse_flat_keyed(_read(os.path.join(self.v2, "memory.events")))
+            ev = parse_flat_keyed(_read(oslite.join(self.v2, "memory.events")))
             return {"max": ev.get("max", 0), "oom": ev.get("oom", 0),
                     "oom_kill": ev.get("oom_kill", 0)}
         if where == "v1":
-            ctl = parse_flat_keyed(_read(os.path.join(self.v1["memory"], "memory.oom_control")))
+            ctl = parse_flat_keyed(_read(oslite.join(self.v1["memory"], "memory.oom_control")))
             kills = ctl.get("oom_kill", 0)
             return {"oom": kills, "oom_kill": kills}
         return {"oom": 0, "oom_kill": 0}
@@ -399,9 +399,9 @@ class SkillCgroup:
         """How many forks the pids limit refused ("max" in pids.events)."""
         where = self._applied["pids"]
         if where == "v2":
-            return parse_flat_keyed(_read(os.path.join(self.v2, "pids.events"))).get("max", 0)
+            return parse_flat_keyed(_read(oslite.join(self.v2, "pids.events"))).get("max", 0)
         if where == "v1":
-            return parse_flat_keyed(_read(os.path.join(self.v1["pids"], "pids.events"))).get("max", 0)
+            return parse_flat_keyed(_read(oslite.join(self.v1["pids"], "pids.events"))).get("max", 0)
         return 0
 
     def cpu_stat(self) -> dict[str, int]:
@@ -410,9 +410,9 @@ class SkillCgroup:
         wherever the cpu limit lives."""
         stat: dict[str, int] = {}
         if self.v2 is not None:
-            stat.update(parse_flat_keyed(_read(os.path.join(self.v2, "cpu.stat"))))
+            stat.update(parse_flat_keyed(_read(oslite.join(self.v2, "cpu.stat"))))
         if self._applied["cpu"] == "v1":
-            stat.update(parse_flat_keyed(_read(os.path.join(self.v1["cpu"], "cpu.stat"))))
+            stat.update(parse_flat_keyed(_read(oslite.join(self.v1["cpu"], "cpu.stat"))))
         return stat
 
     # -- teardown --
@@ -423,9 +423,9 @@ class SkillCgroup:
         v2 `cgroup.kill` (>= 5.14) kills atomically, forks included. Without it,
         freeze, signal every member, thaw, repeat until empty.
         """
-        if self.v2 is not None and os.path.exists(os.path.join(self.v2, "cgroup.kill")):
+        if self.v2 is not None and oslite.exists(oslite.join(self.v2, "cgroup.kill")):
             try:
-                _write(os.path.join(self.v2, "cgroup.kill"), "1", "cgroup")
+                _write(oslite.join(self.v2, "cgroup.kill"), "1", "cgroup")
             except CgroupError as e:
                 # Removed meanwhile (ENOENT), or being removed (ENODEV): its
                 # members are gone already.
@@ -439,10 +439,10 @@ class SkillCgroup:
             self._kill_with_signals(timeout)
 
     def _freeze_file(self) -> tuple[str, str, str]:
-        if self.v2 is not None and os.path.exists(os.path.join(self.v2, "cgroup.freeze")):
-            return os.path.join(self.v2, "cgroup.freeze"), "1", "0"
+        if self.v2 is not None and oslite.exists(oslite.join(self.v2, "cgroup.freeze")):
+            return oslite.join(self.v2, "cgroup.freeze"), "1", "0"
         if "freezer" in self.v1:
-            return os.path.join(self.v1["freezer"], "freezer.state"), "FROZEN", "THAWED"
+            return oslite.join(self.v1["freezer"], "freezer.state"), "FROZEN", "THAWED"
         raise CgroupError("freezer", "no v2 cgroup.freeze and no v1 freezer to stop forks while killing")
 
     def _kill_with_signals(self, timeout: float = 5.0) -> None:
@@ -462,7 +462,7 @@ class SkillCgroup:
             try:
                 for pid in self.pids():
                     try:
-                        os.kill(pid, 9)  # SIGKILL
+                        posix.kill(pid, 9)  # SIGKILL
                     except ProcessLookupError:
                         pass
             finally:
@@ -488,9 +488,9 @@ class SkillCgroup:
             self.kill()
         for path in self._all_dirs():
             _rmdir_retrying(path)
-            parent = os.path.dirname(path)
+            parent = oslite.dirname(path)
             try:
-                os.rmdir(parent)  # the skill level; other instances keep it busy
+                posix.rmdir(parent)  # the skill level; other instances keep it busy
             except OSError as e:
                 if e.errno not in (errno.ENOENT, errno.ENOTEMPTY, errno.EBUSY):
                     raise CgroupError("cgroup", f"rmdir {parent}: {e.strerror}") from e
@@ -508,9 +508,9 @@ def remove_stale_instances(skill: str, prefix: str, mounts, root: str = ROOT_NAM
     removed = []
     dirs = ([mounts.v2] if mounts.v2 is not None else []) + list(mounts.v1.values())
     for mount in dirs:
-        parent = os.path.join(os.fspath(mount), root, safe_name(skill))
+        parent = oslite.join(posix.fspath(mount), root, safe_name(skill))
         try:
-            names = os.listdir(parent)
+            names = posix.listdir(parent)
         except OSError:
             continue
         for name in names:
@@ -518,20 +518,20 @@ def remove_stale_instances(skill: str, prefix: str, mounts, root: str = ROOT_NAM
                 continue
             pid = int(name[len(prefix):])
             try:
-                os.kill(pid, 0)
+                posix.kill(pid, 0)
                 continue  # alive (or a reused pid): not ours to judge
             except ProcessLookupError:
                 pass
             except PermissionError:
                 continue
             try:
-                os.rmdir(os.path.join(parent, name))
-                removed.append(os.path.join(parent, name))
+                posix.rmdir(oslite.join(parent, name))
+                removed.append(oslite.join(parent, name))
             except OSError:
                 pass
         if removed:
             try:
-                os.rmdir(parent)  # the skill level, when nothing else is in it
+                posix.rmdir(parent)  # the skill level, when nothing else is in it
             except OSError:
                 pass
     return removed
@@ -540,7 +540,7 @@ def remove_stale_instances(skill: str, prefix: str, mounts, root: str = ROOT_NAM
 def cgroup_id(v2_dir) -> int:
     """The id bpf_get_current_cgroup_id() returns for tasks in `v2_dir`: the
     kernfs inode number (fs/kernfs: ino = kn->id on 64-bit)."""
-    return os.stat(v2_dir).st_ino
+    return posix.stat(v2_dir).st_ino
 
 
 def task_cgroups(pid: int) -> dict[str, str]:
@@ -558,7 +558,7 @@ def _rmdir_retrying(path: str, timeout: float = 2.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            os.rmdir(path)
+            posix.rmdir(path)
             return
         except FileNotFoundError:
             return
@@ -569,8 +569,8 @@ def _rmdir_retrying(path: str, timeout: float = 2.0) -> None:
 
 
 def _enable_subtree(path: str, ctrls: list[str]) -> None:
-    current = set(_read(os.path.join(path, "cgroup.subtree_control")).split())
+    current = set(_read(oslite.join(path, "cgroup.subtree_control")).split())
     missing = [c for c in ctrls if c not in current]
     if missing:
-        _write(os.path.join(path, "cgroup.subtree_control"), " ".join("+" + c for c in missing),
+        _write(oslite.join(path, "cgroup.subtree_control"), " ".join("+" + c for c in missing),
                ",".join(missing))

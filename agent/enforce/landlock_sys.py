@@ -2,13 +2,11 @@
 
 `agent.enforce.landlock` fits a compiled artifact to the running ABI and
 turns rights into bits (`fitted()`); this module only hands those bits to
-the kernel, so the child imports nothing but ctypes (see bench/launch).
+the kernel, so the child imports nothing but libc.py (see bench/launch).
 """
-from __future__ import annotations
-
-import ctypes
 import errno
-import os
+import posix
+import struct
 
 from agent.enforce.libc import syscall
 
@@ -35,21 +33,13 @@ class LandlockUnsupported(LandlockError):
         self.errno = err
 
 
-class _RulesetAttr(ctypes.Structure):
-    _fields_ = [
-        ("handled_access_fs", ctypes.c_uint64),
-        ("handled_access_net", ctypes.c_uint64),
-        ("scoped", ctypes.c_uint64),
-    ]
-
-
-class _PathBeneathAttr(ctypes.Structure):
-    _pack_ = 1  # __attribute__((packed)) in the uapi header: 12 bytes
-    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
-
-
-class _NetPortAttr(ctypes.Structure):
-    _fields_ = [("allowed_access", ctypes.c_uint64), ("port", ctypes.c_uint64)]
+# struct landlock_ruleset_attr: handled_access_fs, handled_access_net, scoped (u64 each)
+_RULESET_ATTR = struct.Struct("=3Q")
+# struct landlock_path_beneath_attr: allowed_access (u64), parent_fd (s32);
+# __attribute__((packed)) in the uapi header: 12 bytes
+_PATH_BENEATH_ATTR = struct.Struct("=Qi")
+# struct landlock_net_port_attr: allowed_access, port (u64 each)
+_NET_PORT_ATTR = struct.Struct("=QQ")
 
 
 # Size of struct landlock_ruleset_attr that each ABI knows: the kernel
@@ -62,8 +52,7 @@ def _ruleset_attr_size(abi: int) -> int:
 def probe_abi() -> int:
     """The running Landlock ABI; raises LandlockUnsupported (with .errno) when absent."""
     try:
-        return syscall("landlock_create_ruleset", ctypes.c_void_p(None), ctypes.c_size_t(0),
-                       ctypes.c_uint32(CREATE_RULESET_VERSION))
+        return syscall("landlock_create_ruleset", None, 0, CREATE_RULESET_VERSION)
     except OSError as exc:
         # ENOSYS: kernel built without Landlock; EOPNOTSUPP: built in but
         # disabled at boot (lsm= without landlock).
@@ -72,23 +61,24 @@ def probe_abi() -> int:
         raise LandlockUnsupported(exc.errno, reasons.get(exc.errno, str(exc))) from None
 
 
-def restrict(fitted: dict, *, log_new_exec: bool = True) -> tuple[list, list]:
+def restrict(fitted: dict, *, log_new_exec: bool = True, resolve: bool = True) -> tuple[list, list]:
     """Restrict the calling process (and its future children) to `fitted`
     (`agent.enforce.landlock.fitted()`): {"abi", "fs", "net", "scoped",
     "rules": [(path, bits, origin)], "ports": [port], "names": {bits: [names]}}.
 
-    Returns ([(path, resolved, bits, origin)], [restrict flag names]). Raises
+    Returns ([(path, resolved, bits, origin)], [restrict flag names]); with
+    `resolve` false (the launched child, which reports nothing) resolved is
+    None and no readlink is made. Raises
     LandlockError naming the failing rule; then no domain was created.
     """
     abi = fitted["abi"]
-    attr = _RulesetAttr(fitted["fs"], fitted["net"], fitted["scoped"])
+    attr = _RULESET_ATTR.pack(fitted["fs"], fitted["net"], fitted["scoped"])
     try:
-        ruleset_fd = syscall("landlock_create_ruleset", ctypes.byref(attr),
-                             ctypes.c_size_t(_ruleset_attr_size(abi)), ctypes.c_uint32(0))
+        ruleset_fd = syscall("landlock_create_ruleset", attr, _ruleset_attr_size(abi), 0)
     except OSError as exc:
         raise LandlockError(f"landlock: create_ruleset (ABI {abi}): {exc.strerror}") from None
     try:
-        applied = [_add_path_rule(ruleset_fd, path, bits, origin, fitted)
+        applied = [_add_path_rule(ruleset_fd, path, bits, origin, fitted, resolve)
                    for path, bits, origin in fitted["rules"]]
         if fitted["net"] & ACCESS_NET_CONNECT_TCP:
             for port in fitted["ports"]:
@@ -98,25 +88,25 @@ def restrict(fitted: dict, *, log_new_exec: bool = True) -> tuple[list, list]:
             flags |= RESTRICT_SELF_LOG_NEW_EXEC_ON
             flag_names.append("log_new_exec_on")
         try:
-            syscall("landlock_restrict_self", ctypes.c_int(ruleset_fd), ctypes.c_uint32(flags))
+            syscall("landlock_restrict_self", ruleset_fd, flags)
         except OSError as exc:
             hint = " (set no_new_privs first)" if exc.errno == errno.EPERM else ""
             raise LandlockError(f"landlock: restrict_self: {exc.strerror}{hint}") from None
     finally:
-        os.close(ruleset_fd)
+        posix.close(ruleset_fd)
     return applied, flag_names
 
 
-def _add_path_rule(ruleset_fd: int, path: str, bits: int, origin: str, fitted: dict) -> tuple:
+def _add_path_rule(ruleset_fd: int, path: str, bits: int, origin: str, fitted: dict,
+                   resolve: bool) -> tuple:
     try:
-        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        fd = posix.open(path, posix.O_PATH | posix.O_CLOEXEC)
     except OSError as exc:
         raise LandlockError(f"landlock: rule {path} ({origin}): cannot open: {exc.strerror}") from None
     try:
-        attr = _PathBeneathAttr(bits, fd)
         try:
-            syscall("landlock_add_rule", ctypes.c_int(ruleset_fd), ctypes.c_int(RULE_PATH_BENEATH),
-                    ctypes.byref(attr), ctypes.c_uint32(0))
+            syscall("landlock_add_rule", ruleset_fd, RULE_PATH_BENEATH,
+                    _PATH_BENEATH_ATTR.pack(bits, fd), 0)
         except OSError as exc:
             # EINVAL here is a directory-only right on a file, or a right the
             # ruleset does not handle (landlock_add_rule(2)).
@@ -124,19 +114,20 @@ def _add_path_rule(ruleset_fd: int, path: str, bits: int, origin: str, fitted: d
             raise LandlockError(
                 f"landlock: rule {path} ({origin}) {names}: "
                 f"add_rule: {errno.errorcode.get(exc.errno, exc.errno)} {exc.strerror}") from None
-        try:
-            resolved = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            resolved = "?"
+        resolved = None
+        if resolve:
+            try:
+                resolved = posix.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                resolved = "?"
         return path, resolved, bits, origin
     finally:
-        os.close(fd)
+        posix.close(fd)
 
 
 def _add_port_rule(ruleset_fd: int, port: int) -> None:
-    attr = _NetPortAttr(ACCESS_NET_CONNECT_TCP, port)
     try:
-        syscall("landlock_add_rule", ctypes.c_int(ruleset_fd), ctypes.c_int(RULE_NET_PORT),
-                ctypes.byref(attr), ctypes.c_uint32(0))
+        syscall("landlock_add_rule", ruleset_fd, RULE_NET_PORT,
+                _NET_PORT_ATTR.pack(ACCESS_NET_CONNECT_TCP, port), 0)
     except OSError as exc:
         raise LandlockError(f"landlock: rule connect_tcp port {port}: add_rule: {exc.strerror}") from None

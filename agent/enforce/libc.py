@@ -2,19 +2,65 @@
 
 Every caller raises OSError with the kernel's errno, so a layer that cannot
 be applied says why.
+
+Built on `_ctypes`, the C half of the `ctypes` package, without the package
+itself: `import ctypes` costs ~4 ms of a launch here (it defines some hundred
+types at import), `_ctypes` ~0.6 ms. The three types below are the only ones
+a launch needs. Arguments may be Python ints (passed as C long), bytes
+(passed as `const char *`: structures the kernel only reads are packed with
+`struct`), None (NULL) or any ctypes object (other callers pass those).
 """
-from __future__ import annotations
+import _ctypes
+import struct
+import sys
+from posix import strerror
 
-import ctypes
-import os
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_syscall = _libc.syscall
-_syscall.restype = ctypes.c_long
-# The same function called with the GIL held (ctypes.PyDLL): for clone3, whose
-# child must find the interpreter exactly as fork() leaves it.
-_raw_syscall = ctypes.PyDLL(None, use_errno=True).syscall
-_raw_syscall.restype = ctypes.c_long
+class c_long(_ctypes._SimpleCData):
+    _type_ = "l"
+
+
+class c_char(_ctypes._SimpleCData):
+    _type_ = "c"
+
+
+class c_char_p(_ctypes._SimpleCData):
+    _type_ = "z"
+
+
+class _Function(_ctypes.CFuncPtr):
+    # Called with the GIL released; errno saved for get_errno().
+    _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
+    _restype_ = c_long
+
+
+class _GilFunction(_ctypes.CFuncPtr):
+    # Called with the GIL held (ctypes.PyDLL): for clone3, whose child must
+    # find the interpreter exactly as fork() leaves it, and the PyOS_* calls.
+    _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO | _ctypes.FUNCFLAG_PYTHONAPI
+    _restype_ = c_long
+
+
+class _Process:
+    """The running program and the libraries it loaded (dlopen(NULL)), as
+    CFuncPtr((name, library)) looks symbols up."""
+    _handle = _ctypes.dlopen(None, 0x2)  # RTLD_NOW
+
+
+_syscall = _Function(("syscall", _Process))
+_raw_syscall = _GilFunction(("syscall", _Process))
+get_errno = _ctypes.get_errno
+addressof = _ctypes.addressof
+
+
+def buffer(data: bytes):
+    """A writable C copy of `data` (an array of char); `addressof()` gives its address."""
+    return (c_char * len(data)).from_buffer_copy(data)
+
+
+def _longs(args) -> list:
+    return [c_long(a) if a.__class__ is int else a for a in args]
+
 
 # arch/x86/entry/syscalls/syscall_64.tbl
 NR = {
@@ -40,24 +86,27 @@ NR = {
     "openat2": 437,
     "execveat": 322,
     "clone3": 435,
+    "prctl": 157,
+    "prlimit64": 302,
+    "setns": 308,
 }
 
 
 def syscall(name: str, *args) -> int:
     """Call syscall `name`; return its result or raise OSError(errno)."""
-    res = _syscall(ctypes.c_long(NR[name]), *args)
+    res = _syscall(NR[name], *_longs(args))
     if res < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{name}: {os.strerror(err)}")
+        err = get_errno()
+        raise OSError(err, f"{name}: {strerror(err)}")
     return res
 
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
-    res = _libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(arg3),
-                      ctypes.c_ulong(arg4), ctypes.c_ulong(arg5))
+    res = _syscall(NR["prctl"], c_long(option), c_long(arg2), c_long(arg3), c_long(arg4),
+                   c_long(arg5))
     if res < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"prctl({option}): {os.strerror(err)}")
+        err = get_errno()
+        raise OSError(err, f"prctl({option}): {strerror(err)}")
     return res
 
 
@@ -68,9 +117,9 @@ PR_GET_SECCOMP = 21
 
 def unshare(flags: int) -> None:
     """unshare(2); os.unshare only exists from Python 3.12."""
-    if _libc.unshare(ctypes.c_int(flags)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"unshare({flags:#x}): {os.strerror(err)}")
+    if _syscall(NR["unshare"], c_long(flags)) != 0:
+        err = get_errno()
+        raise OSError(err, f"unshare({flags:#x}): {strerror(err)}")
 
 
 CLONE_NEWNS = 0x00020000
@@ -88,7 +137,10 @@ SIGCHLD = 17
 # struct clone_args (include/uapi/linux/sched.h, CLONE_ARGS_SIZE_VER2 = 88):
 # flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls,
 # set_tid, set_tid_size, cgroup; all __aligned_u64.
-_CloneArgs = ctypes.c_uint64 * 11
+_CLONE_ARGS = struct.Struct("=11Q")
+_before_fork = _GilFunction(("PyOS_BeforeFork", _Process))
+_after_fork_child = _GilFunction(("PyOS_AfterFork_Child", _Process))
+_after_fork_parent = _GilFunction(("PyOS_AfterFork_Parent", _Process))
 
 
 def fork_into(flags: int, cgroup_fd: int | None) -> int:
@@ -108,21 +160,18 @@ def fork_into(flags: int, cgroup_fd: int | None) -> int:
     parent's, so the child must not use raise(3), abort(3) or pthread_kill(3).
     Call only from a single-threaded process.
     """
-    args = _CloneArgs()
-    args[0] = flags | (CLONE_INTO_CGROUP if cgroup_fd is not None else 0)
-    args[4] = SIGCHLD
-    if cgroup_fd is not None:
-        args[10] = cgroup_fd
-    api = ctypes.pythonapi  # these keep the GIL held, as fork() must
-    api.PyOS_BeforeFork()
-    pid = _raw_syscall(NR["clone3"], ctypes.byref(args), ctypes.c_size_t(ctypes.sizeof(args)))
+    args = _CLONE_ARGS.pack(flags | (CLONE_INTO_CGROUP if cgroup_fd is not None else 0),
+                            0, 0, 0, SIGCHLD, 0, 0, 0, 0, 0,
+                            cgroup_fd if cgroup_fd is not None else 0)
+    _before_fork()
+    pid = _raw_syscall(NR["clone3"], args, c_long(_CLONE_ARGS.size))
     if pid == 0:
-        api.PyOS_AfterFork_Child()
+        _after_fork_child()
         return 0
-    err = ctypes.get_errno() if pid < 0 else 0
-    api.PyOS_AfterFork_Parent()
+    err = get_errno() if pid < 0 else 0
+    _after_fork_parent()
     if pid < 0:
-        raise OSError(err, f"clone3: {os.strerror(err)}")
+        raise OSError(err, f"clone3: {strerror(err)}")
     return pid
 
 
@@ -137,13 +186,12 @@ def execveat_fd(fd: int, argv, env) -> None:
     when `fd` is close-on-exec: its interpreter would be handed /dev/fd/N,
     which is gone by then (ENOENT; fexecve(3)).
     """
-    def block(strings):
-        array = (ctypes.c_char_p * (len(strings) + 1))()
-        array[:-1] = [os.fsencode(s) for s in strings]
-        array[-1] = None
-        return array
+    encoding = sys.getfilesystemencoding()
+
+    def block(strings):  # char *[] ending in NULL
+        return (c_char_p * (len(strings) + 1))(
+            *[s.encode(encoding, "surrogateescape") for s in strings], None)
 
     env_list = [f"{k}={v}" for k, v in env.items()]
-    syscall("execveat", ctypes.c_int(fd), ctypes.c_char_p(b""), block(list(argv)),
-            block(env_list), ctypes.c_int(AT_EMPTY_PATH))
+    syscall("execveat", fd, b"", block(list(argv)), block(env_list), AT_EMPTY_PATH)
     raise OSError(0, "execveat returned")  # unreachable: success does not return

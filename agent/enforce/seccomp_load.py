@@ -3,12 +3,10 @@
 Irreversible: call it in the child between fork and exec (or in a test's
 forked child), never in the daemon.
 """
-from __future__ import annotations
-
-import ctypes
 import errno
+import struct
 
-from agent.enforce.libc import PR_SET_NO_NEW_PRIVS, prctl, syscall
+from agent.enforce.libc import PR_SET_NO_NEW_PRIVS, addressof, buffer, prctl, syscall
 
 # linux/seccomp.h
 SECCOMP_SET_MODE_FILTER = 1
@@ -17,9 +15,8 @@ _INSN_SIZE = 8
 _MAX_INSNS = 4096  # BPF_MAXINSNS
 
 
-class _SockFprog(ctypes.Structure):
-    # linux/filter.h: struct sock_fprog { unsigned short len; struct sock_filter *filter; }
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+# linux/filter.h: struct sock_fprog { unsigned short len; struct sock_filter *filter; }
+_SOCK_FPROG = struct.Struct("@HP")
 
 
 def install_filter(bpf: bytes, *, listener: bool = False) -> int | None:
@@ -37,12 +34,11 @@ def install_filter(bpf: bytes, *, listener: bool = False) -> int | None:
     # demands no_new_privs (EACCES); set it always so a filter can never be
     # shed through a set-uid exec.
     prctl(PR_SET_NO_NEW_PRIVS, 1)
-    buffer = ctypes.create_string_buffer(bytes(bpf), len(bpf))
-    prog = _SockFprog(count, ctypes.cast(buffer, ctypes.c_void_p))
+    program = buffer(bytes(bpf))  # kept alive until the call returns
     flags = SECCOMP_FILTER_FLAG_NEW_LISTENER if listener else 0
     try:
-        result = syscall("seccomp", ctypes.c_uint(SECCOMP_SET_MODE_FILTER),
-                         ctypes.c_uint(flags), ctypes.byref(prog))
+        result = syscall("seccomp", SECCOMP_SET_MODE_FILTER, flags,
+                         _SOCK_FPROG.pack(count, addressof(program)))
     except OSError as exc:
         why = {
             errno.EINVAL: "the kernel rejected the program or a flag",

@@ -5,9 +5,7 @@ the environment filter, later eBPF and nftables) builds a `Violation`; sinks
 turn it into one line of JSON each, so a log reader never has to know which
 layer produced it.
 """
-from __future__ import annotations
-
-import os
+import posix
 import sys
 import time
 
@@ -113,7 +111,7 @@ class JsonLinesSink:
         self._fd: int | None = None
         self._stream = stream
         if path is not None:
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._fd = posix.open(path, posix.O_WRONLY | posix.O_APPEND | posix.O_CREAT | posix.O_CLOEXEC, 0o600)
         self.count = 0
 
     @classmethod
@@ -123,7 +121,7 @@ class JsonLinesSink:
     def emit(self, violation: Violation) -> None:
         line = violation.to_json() + "\n"
         if self._fd is not None:
-            os.write(self._fd, line.encode())
+            posix.write(self._fd, line.encode())
         else:
             self._stream.write(line)
             self._stream.flush()
@@ -131,7 +129,7 @@ class JsonLinesSink:
 
     def close(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)
+            posix.close(self._fd)
             self._fd = None
 
 

@@ -22,7 +22,6 @@ in a child namespace), which is the namespace of the /proc mounted here.
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import stat
@@ -57,9 +56,8 @@ class Unreadable(Exception):
         self.errno = errno_
 
 
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
-                ("resolve", ctypes.c_uint64)]
+# struct open_how: flags, mode, resolve (u64 each)
+_OPEN_HOW = struct.Struct("=3Q")
 
 
 @dataclass(frozen=True)
@@ -148,9 +146,8 @@ def read_call(memory: TargetMemory, execveat: bool, args) -> ExecCall:
 def _openat2(dirfd: int, path: str, flags: int, resolve: int) -> int:
     from agent.enforce.libc import syscall
 
-    how = _OpenHow(flags, 0, resolve)
-    return syscall("openat2", ctypes.c_int(dirfd), ctypes.c_char_p(os.fsencode(path)),
-                   ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
+    return syscall("openat2", dirfd, os.fsencode(path), _OPEN_HOW.pack(flags, 0, resolve),
+                   _OPEN_HOW.size)
 
 
 def _target_path(pid: int, link: str) -> str:

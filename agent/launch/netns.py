@@ -36,7 +36,6 @@ they were created in, so the handle keeps working from the host side.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import ipaddress
@@ -45,7 +44,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from agent.enforce.libc import CLONE_NEWNET
+from agent.enforce.libc import CLONE_NEWNET, syscall
 from agent.net.hostnat import NAT_TABLE, POOL6, VETH_PREFIX  # noqa: F401 - NAT_TABLE: for callers
 
 RESOLVER4 = "169.254.53.53"  # the DNS stub as every skill sees it (compile.network.DEFAULT_RESOLVER4)
@@ -118,13 +117,8 @@ def resolv_conf(state_root: str) -> str:
 
 # -- namespaces ---------------------------------------------------------------
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
 def _setns(fd: int) -> None:
-    if _libc.setns(ctypes.c_int(fd), ctypes.c_int(CLONE_NEWNET)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns(CLONE_NEWNET): {os.strerror(err)}")
+    syscall("setns", fd, CLONE_NEWNET)
 
 
 @contextlib.contextmanager

@@ -13,8 +13,6 @@ Structures and ioctl numbers follow include/uapi/linux/seccomp.h:
 The listener fd is pollable: POLLIN when a notification waits, POLLHUP once
 every task using the filter is gone (seccomp_notify_poll in kernel/seccomp.c).
 """
-from __future__ import annotations
-
 import errno
 import fcntl
 import struct

@@ -18,12 +18,12 @@ Records are marshal data (plain values only; marshal.loads builds no
 objects of other types), written atomically. $SKILLGUARD_NO_CACHE=1 turns
 storing and loading off.
 """
-from __future__ import annotations
-
 import marshal
-import os
+import posix
 import zlib
 from stat import S_ISDIR
+
+from agent import oslite
 
 RECORD_VERSION = 1
 NO_CACHE_ENV = "SKILLGUARD_NO_CACHE"
@@ -31,18 +31,18 @@ NO_CACHE_ENV = "SKILLGUARD_NO_CACHE"
 INPUT_ENV = ("SKILLGUARD_STATE_ROOT", "SKILLGUARD_UID_RANGE", "SKILLGUARD_CONFIG",
              "SKILLGUARD_SOCKET")
 DEFAULT_CONFIG = "/etc/skillguard/agent.yaml"
-_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_REPO = oslite.dirname(oslite.dirname(oslite.dirname(oslite.abspath(__file__))))
 
 
 def code_stamp() -> bytes:
     """(path, size, mtime) of every source and profile file of the agent."""
     entries = []
     for top in ("agent", "policies"):
-        stack = [os.path.join(_REPO, top)]
+        stack = [oslite.join(_REPO, top)]
         while stack:
             directory = stack.pop()
             try:
-                scan = list(os.scandir(directory))
+                scan = list(posix.scandir(directory))
             except OSError:
                 continue
             for entry in scan:
@@ -63,7 +63,7 @@ def stat_key(path: str, listed: bool = False):
     entry is added, removed or renamed). A granted directory whose contents
     change keeps its witness."""
     try:
-        st = os.stat(path)
+        st = posix.stat(path)
     except OSError:
         return None
     key = (st.st_mode, st.st_dev, st.st_ino, st.st_uid, st.st_gid)
@@ -80,7 +80,7 @@ def witness_holds(witness: list) -> bool:
 
 
 def _config_bytes() -> bytes | None:
-    path = os.environ.get("SKILLGUARD_CONFIG") or DEFAULT_CONFIG
+    path = oslite.getenv("SKILLGUARD_CONFIG") or DEFAULT_CONFIG
     try:
         with open(path, "rb") as fh:
             return fh.read()
@@ -91,18 +91,18 @@ def _config_bytes() -> bytes | None:
 def inputs(manifest_path: str, manifest_bytes: bytes, command: list, audit: bool) -> bytes:
     """Everything a stored plan must have been built from, as bytes."""
     return marshal.dumps((
-        RECORD_VERSION, os.path.abspath(manifest_path), manifest_bytes, list(command),
-        os.getcwd(), bool(audit), [os.environ.get(name) for name in INPUT_ENV],
-        _config_bytes(), code_stamp(), os.uname().release,
+        RECORD_VERSION, oslite.abspath(manifest_path), manifest_bytes, list(command),
+        posix.getcwd(), bool(audit), [oslite.getenv(name) for name in INPUT_ENV],
+        _config_bytes(), code_stamp(), posix.uname().release,
     ))
 
 
 def _cache_dir(state_root: str) -> str:
-    return os.path.join(state_root, "cache")
+    return oslite.join(state_root, "cache")
 
 
 def _path(state_root: str, material: bytes) -> str:
-    return os.path.join(_cache_dir(state_root), f"plan-{zlib.crc32(material):08x}-{len(material)}")
+    return oslite.join(_cache_dir(state_root), f"plan-{zlib.crc32(material):08x}-{len(material)}")
 
 
 def _root_only(st, loose_bits: int) -> bool:
@@ -111,23 +111,23 @@ def _root_only(st, loose_bits: int) -> bool:
 
 def load(state_root: str, material: bytes) -> dict | None:
     """The stored record ({"plan", "warnings", "socket"}) for these inputs, or None."""
-    if os.environ.get(NO_CACHE_ENV) == "1":
+    if oslite.getenv(NO_CACHE_ENV) == "1":
         return None
     try:
-        if not _root_only(os.stat(_cache_dir(state_root)), 0o022):
+        if not _root_only(posix.stat(_cache_dir(state_root)), 0o022):
             return None
-        fd = os.open(_path(state_root, material), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = posix.open(_path(state_root, material), posix.O_RDONLY | posix.O_NOFOLLOW | posix.O_CLOEXEC)
     except OSError:
         return None
     try:
-        if not _root_only(os.fstat(fd), 0o077):
+        if not _root_only(posix.fstat(fd), 0o077):
             return None
-        with os.fdopen(fd, "rb", closefd=False) as fh:
+        with open(fd, "rb", closefd=False) as fh:
             stored_material, record = marshal.loads(fh.read())
     except (OSError, ValueError, EOFError, TypeError):
         return None
     finally:
-        os.close(fd)
+        posix.close(fd)
     if stored_material != material or not isinstance(record, dict):
         return None
     plan = record.get("plan")
@@ -138,18 +138,18 @@ def load(state_root: str, material: bytes) -> dict | None:
 
 def store(state_root: str, material: bytes, record: dict) -> None:
     """Store `record` for these inputs if its plan may be stored; best effort."""
-    if os.environ.get(NO_CACHE_ENV) == "1" or not record["plan"].get("cacheable"):
+    if oslite.getenv(NO_CACHE_ENV) == "1" or not record["plan"].get("cacheable"):
         return
     directory = _cache_dir(state_root)
     try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        if not _root_only(os.stat(directory), 0o022):
+        oslite.makedirs(directory, 0o700)
+        if not _root_only(posix.stat(directory), 0o022):
             return
         path = _path(state_root, material)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
+        tmp = f"{path}.{posix.getpid()}.tmp"
+        fd = posix.open(tmp, posix.O_WRONLY | posix.O_CREAT | posix.O_EXCL | posix.O_CLOEXEC, 0o600)
+        with open(fd, "wb") as fh:
             fh.write(marshal.dumps((material, record)))
-        os.rename(tmp, path)
+        posix.rename(tmp, path)
     except (OSError, ValueError):
         pass
