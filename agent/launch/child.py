@@ -7,7 +7,8 @@ supervisor as (layer, error) on the error pipe and exiting 125, so the
 skill never starts half-confined:
 
     cgroup (v1: write "0" to `tasks`) -> namespaces (mount, IPC, UTS, net,
-    cgroup) + setsid -> binds from the supervisor (made while we unshared:
+    cgroup) + setsid -> the launch message from the supervisor (binds,
+    environment, pinned entrypoint: made while we imported and unshared;
     idmapping user namespaces take a helper process) -> mounts
     -> network (with a grant: wait until the supervisor has set up veth,
     nftables and DNS stub in our netns, agent/launch/netns.py) -> loopback -> rlimits -> uid/gid/capabilities -> no_new_privs
@@ -21,14 +22,10 @@ and when the skill ends reports its raw wait status and exits with its code
 (128+N for a signal); the kernel then kills whatever the skill left behind
 (zap_pid_ns_processes). The init is confined exactly like the skill.
 """
-from __future__ import annotations
-
 import _signal  # not `signal`/`socket`/`json`: their imports cost milliseconds per launch
 import _socket
-import ctypes
 import marshal
-import os
-import resource
+import posix
 import struct
 
 from agent.enforce.libc import (CLONE_NEWCGROUP, CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS,
@@ -44,6 +41,7 @@ SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 SIGKILL = 9
 FORWARDED_SIGNALS = (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP, _signal.SIGQUIT,
                      _signal.SIGUSR1, _signal.SIGUSR2)
+PINNED_EXEC_FD = "\0pinned-exec-fd"  # agent/launch/plan.py
 SETUP_FAILED = 125
 EXEC_FAILED = 127
 STATUS = struct.Struct("=i")
@@ -56,11 +54,12 @@ class StepError(Exception):
 
 
 # The child's plan is a dict the supervisor fills before it forks:
-#   executable, argv, env, cwd, uid, gid, hostname;
+#   executable, argv, cwd, uid, gid, hostname; env: filled from the launch message;
 #   cgroup: the SkillCgroup; in_v2: True when clone3 already placed us in its v2 directory;
 #   mounts: the mount plan (agent/launch/mounts.py); rlimits: [(RLIMIT_*, soft, hard)];
 #   landlock: agent.enforce.landlock.fitted() numbers, None when skipped (--audit);
-#   seccomp_bpf: the filter; exec_fd: a pinned entrypoint executed by fd (execveat), or None;
+#   seccomp_bpf: the filter; exec_fd: a pinned entrypoint executed by fd (execveat), or
+#   None (from the launch message);
 #   wait_for_network: the supervisor sets up a veth + nftables in our netns.
 
 
@@ -75,14 +74,13 @@ def _step(layer: str, fn, *args):
 
 def _report(fd: int, layer: str, reason: str) -> None:
     try:
-        os.write(fd, marshal.dumps((layer, reason)))
+        posix.write(fd, marshal.dumps((layer, reason)))
     except OSError:
         pass
 
 
 def _unshare() -> None:
-    syscall("unshare", ctypes.c_int(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
-                                    | CLONE_NEWNET | CLONE_NEWCGROUP))
+    syscall("unshare", CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET | CLONE_NEWCGROUP)
 
 
 def _loopback_up() -> None:
@@ -121,9 +119,15 @@ def _rearm_parent_death(sock) -> None:
             raise RuntimeError("the supervisor is gone")
 
 
+_RLIMIT64 = struct.Struct("=QQ")  # struct rlimit64: rlim_cur, rlim_max
+_U64 = (1 << 64) - 1  # RLIM_INFINITY is -1 as an unsigned 64-bit number
+
+
 def _set_rlimits(rlimits) -> None:
+    # prlimit64(2) on ourselves (pid 0): the `resource` module's setrlimit is
+    # the same call, but loading it costs ~0.5 ms per launch.
     for number, soft, hard in rlimits:
-        resource.setrlimit(number, (soft, hard))
+        syscall("prlimit64", 0, number, _RLIMIT64.pack(soft & _U64, hard & _U64), None)
 
 
 def _drop_identity(uid: int, gid: int) -> None:
@@ -136,16 +140,16 @@ def _drop_identity(uid: int, gid: int) -> None:
     for cap in range(last_cap + 1):
         prctl(PR_CAPBSET_DROP, cap)
     prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
-    os.setgroups([])
-    os.setresgid(gid, gid, gid)
-    os.setresuid(uid, uid, uid)
+    posix.setgroups([])
+    posix.setresgid(gid, gid, gid)
+    posix.setresuid(uid, uid, uid)
     try:
-        os.setresuid(0, 0, 0)
+        posix.setresuid(0, 0, 0)
     except PermissionError:
         pass
     else:
         raise RuntimeError("could regain uid 0 after dropping it")
-    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid) or os.getgroups():
+    if posix.getresuid() != (uid, uid, uid) or posix.getresgid() != (gid, gid, gid) or posix.getgroups():
         raise RuntimeError("ids did not change as asked")
 
 
@@ -157,7 +161,7 @@ def _landlock(fitted: dict) -> None:
         # The plan was fitted to another ABI; stored plans are keyed by the
         # kernel release (plan_cache.py), so this is never a guess to make here.
         raise RuntimeError(f"Landlock ABI is {abi}, the plan was made for {fitted['abi']}")
-    restrict(fitted)
+    restrict(fitted, resolve=False)
 
 
 def _seccomp(bpf: bytes) -> int:
@@ -166,17 +170,29 @@ def _seccomp(bpf: bytes) -> int:
     return install_filter(bpf, listener=True)
 
 
-def _receive_binds(sock) -> list:
-    """The supervisor's binds message (supervisor.py `_send_binds`)."""
-    message, ancillary, _flags, _addr = sock.recvmsg(1 << 20, _socket.CMSG_SPACE(64 * 4))
-    if not message.startswith(b"binds"):
-        raise RuntimeError("the supervisor did not send the binds")
+def _receive_launch(sock, plan: dict) -> None:
+    """The supervisor's launch message (supervisor.py `_send_launch`): the
+    binds with their user-namespace fds, the environment, the pinned
+    entrypoint's fd. Received fds are close-on-exec."""
+    message, ancillary, _flags, _addr = sock.recvmsg(1 << 20, _socket.CMSG_SPACE(64 * 4),
+                                                     _socket.MSG_CMSG_CLOEXEC)
+    if not message.startswith(b"launch"):
+        raise RuntimeError("the supervisor did not send the launch")
     fds = []
     for level, kind, data in ancillary:
         if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
             fds.extend(struct.unpack(f"{len(data) // 4}i", data[:len(data) - len(data) % 4]))
-    return [(path, writable, origin, None if index is None else fds[index])
-            for path, writable, origin, index in marshal.loads(message[5:])]
+    fields = marshal.loads(message[6:])
+    plan["mounts"]["binds"] = [(path, writable, origin, None if index is None else fds[index])
+                               for path, writable, origin, index in fields["binds"]]
+    plan["env"] = fields["env"]
+    if fields["exec_fd"] is not None:
+        exec_fd = plan["exec_fd"] = fds[fields["exec_fd"]]
+        if plan["landlock"] is not None:
+            # The entrypoint's execute right is on this open file (plan.py PINNED_EXEC_FD).
+            plan["landlock"] = dict(plan["landlock"], rules=[
+                (f"/proc/self/fd/{exec_fd}" if path == PINNED_EXEC_FD else path, bits, origin)
+                for path, bits, origin in plan["landlock"]["rules"]])
 
 
 def _send_fd(sock, message: bytes, fd: int) -> None:
@@ -192,7 +208,7 @@ def run(plan: dict, err_fd: int, sock) -> None:
         _report(err_fd, exc.layer, str(exc))
     except BaseException as exc:  # noqa: BLE001 - nothing may escape a forked child
         _report(err_fd, "launch", f"{type(exc).__name__}: {exc}")
-    os._exit(code)
+    posix._exit(code)
 
 
 def _join_cgroup(plan: dict) -> None:
@@ -216,8 +232,8 @@ def _confine_and_start(plan: dict, err_fd: int, sock) -> int:
     _step("namespaces", _unshare)
     if plan["wait_for_network"]:
         _step("network", sock.send, b"netns")  # the supervisor may now enter our netns
-    os.setsid()  # no controlling terminal: nothing to TIOCSTI into
-    plan["mounts"]["binds"] = _step("mount", _receive_binds, sock)
+    posix.setsid()  # no controlling terminal: nothing to TIOCSTI into
+    _step("mount", _receive_launch, sock, plan)
     _step("mount", mounts.setup, plan["mounts"])
     mounts.close_userns_fds(plan["mounts"]["binds"])
     if plan["wait_for_network"]:
@@ -227,7 +243,7 @@ def _confine_and_start(plan: dict, err_fd: int, sock) -> int:
     _step("rlimits", _set_rlimits, plan["rlimits"])
     _step("identity", _drop_identity, plan["uid"], plan["gid"])
     _step("identity", _rearm_parent_death, sock)
-    _step("cwd", os.chdir, plan["cwd"])
+    _step("cwd", posix.chdir, plan["cwd"])
     _step("no_new_privs", prctl, PR_SET_NO_NEW_PRIVS, 1)
     prctl(PR_SET_DUMPABLE, 0)  # /proc/1/* stays closed to the skill
     if plan["landlock"] is not None:
@@ -235,13 +251,13 @@ def _confine_and_start(plan: dict, err_fd: int, sock) -> int:
     _install_forwarders()
     listener = _step("seccomp", _seccomp, plan["seccomp_bpf"])
     _step("seccomp", _send_fd, sock, b"listener", listener)
-    os.close(listener)
+    posix.close(listener)
 
-    pid = os.fork()
+    pid = posix.fork()
     if pid == 0:
         _exec(plan, err_fd, sock)
     _child_pid[0] = pid
-    os.close(err_fd)
+    posix.close(err_fd)
     return _init_loop(pid, sock)
 
 
@@ -251,7 +267,7 @@ _child_pid = [0]
 def _forward(signum, _frame) -> None:
     if _child_pid[0] > 0:
         try:
-            os.kill(_child_pid[0], signum)
+            posix.kill(_child_pid[0], signum)
         except ProcessLookupError:
             pass
 
@@ -270,28 +286,28 @@ def _exec(plan: dict, err_fd: int, sock) -> None:
             from agent.enforce.libc import execveat_fd
 
             execveat_fd(plan["exec_fd"], plan["argv"], plan["env"])
-        os.execve(plan["executable"], list(plan["argv"]), plan["env"])
+        posix.execve(plan["executable"], list(plan["argv"]), plan["env"])
     except OSError as exc:
         _report(err_fd, "exec", f"{plan['executable']}: {exc.strerror}")
     except BaseException as exc:  # noqa: BLE001
         _report(err_fd, "exec", f"{type(exc).__name__}: {exc}")
-    os._exit(EXEC_FAILED)
+    posix._exit(EXEC_FAILED)
 
 
 def _init_loop(main_pid: int, sock) -> int:
     # Keep no copy of the caller's terminal or pipes: the skill's reader
     # should see EOF when the skill closes them.
     try:
-        null = os.open("/dev/null", os.O_RDWR)
+        null = posix.open("/dev/null", posix.O_RDWR)
         for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        os.close(null)
+            posix.dup2(null, fd)
+        posix.close(null)
     except OSError:
         pass
     status = 0
     while True:
         try:
-            pid, wait_status = os.waitpid(-1, 0)
+            pid, wait_status = posix.waitpid(-1, 0)
         except ChildProcessError:
             break
         if pid == main_pid:
@@ -301,6 +317,6 @@ def _init_loop(main_pid: int, sock) -> int:
         sock.send(STATUS.pack(status))
     except OSError:
         pass
-    if os.WIFSIGNALED(status):
-        return 128 + os.WTERMSIG(status)
-    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else SETUP_FAILED
+    if posix.WIFSIGNALED(status):
+        return 128 + posix.WTERMSIG(status)
+    return posix.waitstatus_to_exitcode(status) if posix.WIFEXITED(status) else SETUP_FAILED

@@ -23,13 +23,12 @@ to the skill's uid/gid: the skill sees it as its own, and files it creates
 land on disk owned by the original owner. Files of any other owner show as
 the overflow uid (nobody) and keep their "other" permissions.
 """
-from __future__ import annotations
-
-import ctypes
 import errno
-import os
+import posix
+import struct
 
-from agent.enforce.libc import CLONE_NEWUSER, syscall
+from agent import oslite
+from agent.enforce.libc import CLONE_NEWUSER, fork_into, syscall
 
 # A bind is a tuple (path, writable, origin, userns_fd): path absolute,
 # mounted over itself (or re-created under the private /tmp); origin like
@@ -42,7 +41,7 @@ AT_FDCWD = -100
 AT_EMPTY_PATH = 0x1000
 AT_RECURSIVE = 0x8000
 OPEN_TREE_CLONE = 1
-OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+OPEN_TREE_CLOEXEC = posix.O_CLOEXEC
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 # include/uapi/linux/mount.h
 MOUNT_ATTR_RDONLY = 0x1
@@ -60,26 +59,23 @@ class MountError(RuntimeError):
         super().__init__(f"mount namespace: {reason}")
 
 
-class _MountAttr(ctypes.Structure):
-    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
-                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+# struct mount_attr: attr_set, attr_clr, propagation, userns_fd (u64 each)
+_MOUNT_ATTR = struct.Struct("=4Q")
 
 
-def _c(path: str) -> ctypes.c_char_p:
-    return ctypes.c_char_p(os.fsencode(path))
+def _c(path: str) -> bytes:
+    return oslite.fsencode(path)
 
 
 def _mount(source, target, fstype, flags, data=None) -> None:
-    syscall("mount", ctypes.c_char_p(source and source.encode()), _c(target),
-            ctypes.c_char_p(fstype and fstype.encode()), ctypes.c_ulong(flags),
-            ctypes.c_char_p(data and data.encode()))
+    syscall("mount", source and source.encode(), _c(target), fstype and fstype.encode(),
+            flags, data and data.encode())
 
 
 def _setattr(dirfd: int, path: str, flags: int, attr_set: int, attr_clr: int = 0,
              userns_fd: int | None = None) -> None:
-    attr = _MountAttr(attr_set, attr_clr, 0, userns_fd if userns_fd is not None else 0)
-    syscall("mount_setattr", ctypes.c_int(dirfd), _c(path), ctypes.c_uint(flags),
-            ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
+    attr = _MOUNT_ATTR.pack(attr_set, attr_clr, 0, userns_fd if userns_fd is not None else 0)
+    syscall("mount_setattr", dirfd, _c(path), flags, attr, _MOUNT_ATTR.size)
 
 
 def _under(path: str, root: str) -> bool:
@@ -89,10 +85,10 @@ def _under(path: str, root: str) -> bool:
 def _clone(bind: tuple) -> int:
     path, writable, origin, userns_fd = bind
     try:
-        fd = syscall("open_tree", ctypes.c_int(AT_FDCWD), _c(path),
-                     ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE))
+        fd = syscall("open_tree", AT_FDCWD, _c(path),
+                     OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE)
     except OSError as exc:
-        raise MountError(f"{origin}: cannot clone {path}: {os.strerror(exc.errno)}") from None
+        raise MountError(f"{origin}: cannot clone {path}: {posix.strerror(exc.errno)}") from None
     attr_set = MOUNT_ATTR_NOSUID | (0 if writable else MOUNT_ATTR_RDONLY)
     attr_clr = MOUNT_ATTR_RDONLY if writable else 0
     if userns_fd is not None:
@@ -100,21 +96,21 @@ def _clone(bind: tuple) -> int:
     try:
         _setattr(fd, "", AT_EMPTY_PATH | AT_RECURSIVE, attr_set, attr_clr, userns_fd)
     except OSError as exc:
-        os.close(fd)
+        posix.close(fd)
         hint = " (filesystem does not support idmapped mounts)" \
             if userns_fd is not None and exc.errno == errno.EINVAL else ""
         raise MountError(f"{origin}: mount_setattr on {path}: "
-                         f"{os.strerror(exc.errno)}{hint}") from None
+                         f"{posix.strerror(exc.errno)}{hint}") from None
     return fd
 
 
 def _make_mountpoint(path: str, is_dir: bool) -> None:
-    parent = os.path.dirname(path)
-    os.makedirs(parent, mode=0o755, exist_ok=True)
+    parent = oslite.dirname(path)
+    oslite.makedirs(parent, 0o755)
     if is_dir:
-        os.makedirs(path, mode=0o755, exist_ok=True)
-    elif not os.path.exists(path):
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        oslite.makedirs(path, 0o755)
+    elif not oslite.exists(path):
+        posix.close(posix.open(path, posix.O_WRONLY | posix.O_CREAT | posix.O_CLOEXEC, 0o600))
 
 
 def setup(plan: dict) -> None:
@@ -123,46 +119,47 @@ def setup(plan: dict) -> None:
     try:
         _mount(None, "/", None, MS_REC | MS_PRIVATE)
     except OSError as exc:
-        raise MountError(f"making / private: {os.strerror(exc.errno)}") from None
+        raise MountError(f"making / private: {posix.strerror(exc.errno)}") from None
     # Outer paths first so an inner grant lands on top of an outer one.
     ordered = sorted(plan["binds"], key=lambda b: (b[0].count("/"), b[0]))
-    clones = [(bind, os.path.isdir(bind[0]), _clone(bind)) for bind in ordered]
+    clones = [(bind, oslite.isdir(bind[0]), _clone(bind)) for bind in ordered]
     if plan["resolv_conf"]:
         clones.append(_resolv_conf_clone(plan["resolv_conf"]))
     try:
         _setattr(AT_FDCWD, "/", AT_RECURSIVE, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID)
     except OSError as exc:
-        raise MountError(f"read-only root: mount_setattr: {os.strerror(exc.errno)}") from None
+        raise MountError(f"read-only root: mount_setattr: {posix.strerror(exc.errno)}") from None
     tmp_options = f"mode=0700,uid={plan['uid']},gid={plan['gid']}"
     if plan["tmp_size"]:
         tmp_options += f",size={plan['tmp_size']}"
     try:
         _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, tmp_options)
     except OSError as exc:
-        raise MountError(f"private /tmp: mount tmpfs: {os.strerror(exc.errno)}") from None
+        raise MountError(f"private /tmp: mount tmpfs: {posix.strerror(exc.errno)}") from None
     try:
         _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     except OSError as exc:
-        raise MountError(f"/proc: mount procfs: {os.strerror(exc.errno)}") from None
+        raise MountError(f"/proc: mount procfs: {posix.strerror(exc.errno)}") from None
     for (path, _writable, origin, _userns), is_dir, fd in clones:
         try:
             if _under(path, "/tmp"):
                 _make_mountpoint(path, is_dir)
-            syscall("move_mount", ctypes.c_int(fd), _c(""), ctypes.c_int(AT_FDCWD),
-                    _c(path), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH))
+            syscall("move_mount", fd, b"", AT_FDCWD, _c(path), MOVE_MOUNT_F_EMPTY_PATH)
         except OSError as exc:
             raise MountError(f"{origin}: attaching {path}: "
-                             f"{os.strerror(exc.errno)}") from None
+                             f"{posix.strerror(exc.errno)}") from None
         finally:
-            os.close(fd)
+            posix.close(fd)
 
 
 def _resolv_conf_clone(source: str) -> tuple:
     """(bind, False, fd): `source` cloned read-only, to go over the file that
     /etc/resolv.conf names (often a symlink into /run; move_mount(2) does not
     follow a symlink in the target's last component)."""
-    target = os.path.realpath("/etc/resolv.conf")
-    if not os.path.isfile(target):
+    from os.path import realpath  # network launches only
+
+    target = realpath("/etc/resolv.conf")
+    if not oslite.isfile(target):
         raise MountError(f"resolv.conf: /etc/resolv.conf resolves to {target}, which is not a file; "
                          "the skill's resolver cannot be put in place")
     fd = _clone((source, False, "resolv.conf", None))
@@ -172,41 +169,35 @@ def _resolv_conf_clone(source: str) -> tuple:
 def idmap_userns(owner_uid: int, owner_gid: int, uid: int, gid: int) -> int:
     """An fd of a user namespace mapping owner_uid/gid (on disk) to uid/gid.
 
-    A user namespace lives only while something holds it, so a short-lived
-    helper process creates it; we write its maps (uid_map "inside outside
-    count": inside = the id on disk, outside = the skill's id) and keep an fd.
-    Call before the launcher unshares its PID namespace.
+    A user namespace lives only while something holds it, so a helper
+    process is born in a new one (clone3 CLONE_NEWUSER) and exits at once;
+    we write its maps (uid_map "inside outside count": inside = the id on
+    disk, outside = the skill's id) and keep an fd. That works until the
+    helper is reaped, alive or a zombie: the namespace hangs off the task's
+    credentials, which a zombie keeps until release_task() (fs/proc/base.c
+    proc_id_map_open, kernel/user_namespace.c userns_get: task_cred_xxx(task,
+    user_ns)). So there is no round trip with the helper, and it runs no
+    Python after the fork.
     """
-    go_r, go_w = os.pipe()
-    ready_r, ready_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # helper
-        try:
-            os.close(go_w)
-            os.close(ready_r)
-            syscall("unshare", ctypes.c_int(CLONE_NEWUSER))
-            os.write(ready_w, b"1")
-            os.read(go_r, 1)
-        finally:
-            os._exit(0)
-    os.close(go_r)
-    os.close(ready_w)
     try:
-        if os.read(ready_r, 1) != b"1":
-            raise MountError("idmap: helper could not create a user namespace")
-        try:
-            with open(f"/proc/{pid}/uid_map", "w") as fh:
-                fh.write(f"{owner_uid} {uid} 1\n")
-            with open(f"/proc/{pid}/gid_map", "w") as fh:
-                fh.write(f"{owner_gid} {gid} 1\n")
-            return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise MountError(f"idmap {owner_uid}:{owner_gid} -> {uid}:{gid}: "
-                             f"{os.strerror(exc.errno)}") from None
+        pid = fork_into(CLONE_NEWUSER, None)
+    except OSError as exc:
+        raise MountError(f"idmap: cannot create a user namespace: {exc.strerror}") from None
+    if pid == 0:
+        posix._exit(0)
+    try:
+        for name, line in (("uid_map", f"{owner_uid} {uid} 1\n"), ("gid_map", f"{owner_gid} {gid} 1\n")):
+            fd = posix.open(f"/proc/{pid}/{name}", posix.O_WRONLY | posix.O_CLOEXEC)
+            try:
+                posix.write(fd, line.encode())
+            finally:
+                posix.close(fd)
+        return posix.open(f"/proc/{pid}/ns/user", posix.O_RDONLY | posix.O_CLOEXEC)
+    except OSError as exc:
+        raise MountError(f"idmap {owner_uid}:{owner_gid} -> {uid}:{gid}: "
+                         f"{posix.strerror(exc.errno)}") from None
     finally:
-        os.close(ready_r)
-        os.close(go_w)
-        os.waitpid(pid, 0)
+        posix.waitpid(pid, 0)
 
 
 def close_userns_fds(binds) -> None:
@@ -214,6 +205,6 @@ def close_userns_fds(binds) -> None:
     for _path, _writable, _origin, userns_fd in binds:
         if userns_fd is not None:
             try:
-                os.close(userns_fd)
+                posix.close(userns_fd)
             except OSError:
                 pass

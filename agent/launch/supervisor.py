@@ -16,16 +16,15 @@ One launch per supervisor process: its child is PID 1 of a new PID namespace
 (clone3 with CLONE_NEWPID, and CLONE_INTO_CGROUP to start it in the skill's
 v2 cgroup). A daemon launches by forking a supervisor per skill.
 """
-from __future__ import annotations
-
 import _signal
 import _socket
 import marshal
-import os
+import posix
 import select
 import struct
 import time
 
+from agent import oslite
 from agent.enforce.libc import CLONE_NEWPID
 
 SETUP_FAILED = 125
@@ -101,7 +100,7 @@ def _recv_fd(sock) -> tuple[bytes, int | None]:
             usable = len(data) - len(data) % size
             fds.extend(struct.unpack(f"{usable // size}i", data[:usable]))
     for extra in fds[1:]:
-        os.close(extra)
+        posix.close(extra)
     return message, (fds[0] if fds else None)
 
 
@@ -127,6 +126,7 @@ class Supervisor:
         self.readers: dict = {}
         self.cgroup = None
         self.net = None
+        self.exec_fd = None
 
     def emit(self, **fields) -> None:
         from agent.events.violation import Violation
@@ -142,68 +142,75 @@ class Supervisor:
     # -- before fork --
 
     def prepare(self) -> dict:
-        """The plan (built now unless given), then what only this launch has:
-        the environment, the pinned entrypoint's fd, the cgroup, the idmapping
-        user namespaces. Returns the child's plan (child.py)."""
+        """What the child must be cloned with: the plan (built now unless
+        given) and the skill's cgroup (clone3 starts the child in it).
+        Everything else is done while the child starts (`_complete`).
+        Returns the child's plan (child.py)."""
         if self.plan is None:
             self.plan = make_plan(self.policy, self.options)
         plan = self.plan
         self.audit = plan["audit"]
-        for text in plan["notes"]:
-            self.note(text)
-        from agent.compile.env import filter_env
-
-        caller_env = os.environ if self.options.caller_env is None else self.options.caller_env
-        env = filter_env(plan["env_fixed"], frozenset(plan["env_pass"]), caller_env)
-        for name in env.refused:
-            self.emit(pid=None, layer="env", operation=f"env {name}", decision="denied",
-                      rule="protected variable: changes how code is loaded; never passed")
         self.network = None  # netns.NetworkSpec when the manifest grants network
         if plan["network"] is not None:
             import pickle
 
             self.network = pickle.loads(plan["network"])
-        exec_fd = None
-        landlock = plan["landlock"]
+        from agent.enforce.cgroup import CgroupError, LimitValues, SkillCgroup
+
+        spec = plan["cgroup"]
+        self.cgroup_mounts = _CgroupMounts(spec["v2"], spec["v1"])
+        try:
+            self.cgroup = SkillCgroup.create(spec["skill"], f"run-{posix.getpid()}",
+                                             LimitValues(*spec["limits"]), self.cgroup_mounts)
+        except CgroupError as exc:
+            raise LaunchError("cgroup", str(exc)) from None
+        return {
+            "executable": plan["executable"], "argv": plan["argv"], "env": None,
+            "cwd": plan["cwd"], "uid": plan["uid"], "gid": plan["gid"],
+            "hostname": plan["hostname"], "cgroup": self.cgroup, "in_v2": False,
+            "mounts": {"binds": None, "uid": plan["uid"], "gid": plan["gid"],
+                       "tmp_size": plan["tmp_size"], "resolv_conf": plan["resolv_conf"]},
+            "rlimits": plan["rlimits"], "landlock": plan["landlock"],
+            "seccomp_bpf": plan["seccomp"]["bpf"], "exec_fd": None,
+            "wait_for_network": self.network is not None,
+        }
+
+    def _complete(self) -> tuple:
+        """The rest of the launch, made while the child starts: notes, the
+        environment, the pinned entrypoint's fd, the binds (and the
+        idmapping user namespaces they need, which take a helper process).
+        Returns (message fields, fds to pass)."""
+        plan = self.plan
+        for text in plan["notes"]:
+            self.note(text)
+        from agent.compile.env import filter_env
+
+        caller_env = oslite.environ() if self.options.caller_env is None else self.options.caller_env
+        env = filter_env(plan["env_fixed"], frozenset(plan["env_pass"]), caller_env)
+        for name in env.refused:
+            self.emit(pid=None, layer="env", operation=f"env {name}", decision="denied",
+                      rule="protected variable: changes how code is loaded; never passed")
+        from agent.enforce.cgroup import remove_stale_instances
+
+        for path in remove_stale_instances(plan["cgroup"]["skill"], "run-", self.cgroup_mounts):
+            self.note(f"cgroup: removed {path}, left by a supervisor that was killed")
+        binds = self._binds(plan)
+        fds = sorted({fd for *_rest, fd in binds if fd is not None})
+        spec = [(path, writable, origin, None if fd is None else fds.index(fd))
+                for path, writable, origin, fd in binds]
+        exec_index = None
         if plan["entrypoint_sha256"]:
             # Hash the open file and execute that fd (execveat AT_EMPTY_PATH):
             # a file renamed over the path after this check is never run.
             from agent.package.pin import PinError, open_pinned
 
             try:
-                exec_fd = open_pinned(plan["executable"], plan["entrypoint_sha256"])
+                self.exec_fd = open_pinned(plan["executable"], plan["entrypoint_sha256"])
             except PinError as exc:
                 raise LaunchError("pin", f"entrypoint_sha256: {exc}") from None
-            if landlock is not None:
-                from agent.launch.plan import PINNED_EXEC_FD
-
-                landlock = dict(landlock, rules=[
-                    (f"/proc/self/fd/{exec_fd}" if path == PINNED_EXEC_FD else path, bits, origin)
-                    for path, bits, origin in landlock["rules"]])
-        from agent.enforce.cgroup import CgroupError, LimitValues, SkillCgroup, remove_stale_instances
-
-        spec = plan["cgroup"]
-        mounts = _CgroupMounts(spec["v2"], spec["v1"])
-        try:
-            self.cgroup = SkillCgroup.create(spec["skill"], f"run-{os.getpid()}",
-                                             LimitValues(*spec["limits"]), mounts)
-        except CgroupError as exc:
-            raise LaunchError("cgroup", str(exc)) from None
-        for path in remove_stale_instances(spec["skill"], "run-", mounts):
-            self.note(f"cgroup: removed {path}, left by a supervisor that was killed")
-        # The binds (and the idmapping user namespaces they need, which take
-        # a helper process to make) are made after the fork, while the child
-        # unshares its namespaces: _send_binds.
-        return {
-            "executable": plan["executable"], "argv": plan["argv"], "env": env.as_dict(),
-            "cwd": plan["cwd"], "uid": plan["uid"], "gid": plan["gid"],
-            "hostname": plan["hostname"], "cgroup": self.cgroup, "in_v2": False,
-            "mounts": {"binds": None, "uid": plan["uid"], "gid": plan["gid"],
-                       "tmp_size": plan["tmp_size"], "resolv_conf": plan["resolv_conf"]},
-            "rlimits": plan["rlimits"], "landlock": landlock,
-            "seccomp_bpf": plan["seccomp"]["bpf"], "exec_fd": exec_fd,
-            "wait_for_network": self.network is not None,
-        }
+            exec_index = len(fds)
+            fds.append(self.exec_fd)
+        return {"binds": spec, "env": env.as_dict(), "exec_fd": exec_index}, fds
 
     def _binds(self, plan: dict) -> list:
         from agent.launch.mounts import MountError, idmap_userns
@@ -223,28 +230,25 @@ class Supervisor:
                 binds.append((path, writable, origin, fd))
         except BaseException as exc:
             for fd in made.values():
-                os.close(fd)
+                posix.close(fd)
             if isinstance(exc, MountError):
                 raise LaunchError("mount", str(exc)) from None
             raise
         self.userns_made = list(made.values())
         return binds
 
-    def _send_binds(self, pid: int, sock) -> None:
-        """The binds for the child's mount namespace, their user-namespace fds
-        passed with SCM_RIGHTS (child.py `_receive_binds`)."""
+    def _send_launch(self, pid: int, sock) -> None:
+        """The child's launch message (child.py `_receive_launch`): binds,
+        environment, pinned entrypoint; the fds passed with SCM_RIGHTS."""
         try:
-            binds = self._binds(self.plan)
+            fields, fds = self._complete()
         except BaseException:
             _kill_and_reap(pid)
             raise
-        fds = sorted({fd for *_rest, fd in binds if fd is not None})
-        spec = [(path, writable, origin, None if fd is None else fds.index(fd))
-                for path, writable, origin, fd in binds]
         ancillary = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))] \
             if fds else []
         try:
-            sock.sendmsg([b"binds" + marshal.dumps(spec)], ancillary)
+            sock.sendmsg([b"launch" + marshal.dumps(fields)], ancillary)
         except OSError:
             pass  # the child is gone; _supervise reads why from its error pipe
 
@@ -262,7 +266,9 @@ class Supervisor:
             except Exception as exc:  # noqa: BLE001 - report, do not mask the result
                 self.note(f"cgroup: cleanup failed: {exc}")
             for fd in getattr(self, "userns_made", ()):
-                os.close(fd)
+                posix.close(fd)
+            if self.exec_fd is not None:
+                posix.close(self.exec_fd)
 
     def _fork(self, plan: dict) -> int:
         """The init: clone3 into a new PID namespace and the v2 cgroup; where
@@ -281,44 +287,44 @@ class Supervisor:
                                                 f"{exc.strerror}") from None
         finally:
             if cgroup_fd is not None:
-                os.close(cgroup_fd)
+                posix.close(cgroup_fd)
         try:
             unshare(CLONE_NEWPID)
         except OSError as exc:
             raise LaunchError("namespaces", f"unshare(CLONE_NEWPID): {exc.strerror}") from None
-        return os.fork()
+        return posix.fork()
 
     def _run(self, plan) -> RunResult:
         pids_before = self._counter(self.cgroup.pids_events)
         oom_before = self._counter(lambda: self.cgroup.memory_events().get("oom_kill", 0))
         parent_sock, child_sock = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = posix.pipe2(posix.O_CLOEXEC)
         try:
             pid = self._fork(plan)
         except BaseException:
             for end in (parent_sock, child_sock):
                 end.close()
             for fd in (err_r, err_w):
-                os.close(fd)
+                posix.close(fd)
             raise
         if pid == 0:
             parent_sock.close()
-            os.close(err_r)
+            posix.close(err_r)
             # Imported here: the child's modules load while the supervisor
             # makes the binds, not before the fork.
             from agent.launch import child
 
             child.run(plan, err_w, child_sock)  # never returns
         child_sock.close()
-        os.close(err_w)
+        posix.close(err_w)
         self.pid = pid
         try:
-            self._send_binds(pid, parent_sock)
+            self._send_launch(pid, parent_sock)
             if self.network is not None:
                 self._attach_network(pid, parent_sock)
         except BaseException:
             parent_sock.close()
-            os.close(err_r)
+            posix.close(err_r)
             raise
         previous = {s: _signal.signal(s, self._forward) for s in FORWARDED}
         try:
@@ -327,15 +333,15 @@ class Supervisor:
             for s, handler in previous.items():
                 _signal.signal(s, handler)
             parent_sock.close()
-            os.close(err_r)
+            posix.close(err_r)
 
         if isinstance(started, LaunchError):
             raise started
         self._after_exit(wait_status, pids_before, oom_before)
-        if os.WIFSIGNALED(status):
-            code = 128 + os.WTERMSIG(status)
+        if posix.WIFSIGNALED(status):
+            code = 128 + posix.WTERMSIG(status)
         else:
-            code = os.waitstatus_to_exitcode(status)
+            code = posix.waitstatus_to_exitcode(status)
         if started is not True and not isinstance(started, LaunchError) and code == 0:
             code = SETUP_FAILED
         return RunResult(code, wait_status, self.violations, self.notes)
@@ -357,8 +363,8 @@ class Supervisor:
             sock.send(b"go")
         except BaseException as exc:
             try:
-                os.kill(pid, SIGKILL)
-                os.waitpid(pid, 0)
+                posix.kill(pid, SIGKILL)
+                posix.waitpid(pid, 0)
             except OSError:
                 pass
             handle.close()
@@ -377,7 +383,7 @@ class Supervisor:
 
     def _forward(self, signum, _frame) -> None:
         try:
-            os.kill(self.pid, signum)
+            posix.kill(self.pid, signum)
         except ProcessLookupError:
             pass
 
@@ -391,11 +397,14 @@ class Supervisor:
         listener = None
         started: object = False
         skill_status = None
+        # Loaded while the child confines itself, so that the entrypoint's
+        # exec notification is answered at once.
+        from agent.launch import notify  # noqa: F401
         try:
             _message, listener = _recv_fd(sock)
         except OSError:
             listener = None
-        pidfd = os.pidfd_open(pid)
+        pidfd = posix.pidfd_open(pid)
         poller = select.poll()
         poller.register(pidfd, select.POLLIN)
         poller.register(err_r, select.POLLIN)
@@ -424,7 +433,7 @@ class Supervisor:
                         elif mask & (select.POLLHUP | select.POLLERR):
                             poller.unregister(listener)
                     elif fd == err_r:
-                        data = os.read(err_r, 65536)
+                        data = posix.read(err_r, 65536)
                         poller.unregister(err_r)
                         if data:
                             started = LaunchError(*_failure(data))
@@ -443,7 +452,7 @@ class Supervisor:
                         exited = True
                     elif fd in self.readers:
                         self.readers[fd](fd, mask)
-            _, status = os.waitpid(pid, 0)
+            _, status = posix.waitpid(pid, 0)
             # A status message sent just before exit may still be queued.
             if skill_status is None:
                 try:
@@ -454,7 +463,7 @@ class Supervisor:
                     pass
             if started is False:
                 try:
-                    data = os.read(err_r, 65536)
+                    data = posix.read(err_r, 65536)
                 except OSError:
                     data = b""
                 if data:
@@ -464,9 +473,9 @@ class Supervisor:
                                                     f"completed (wait status {status})")
             return status, started, listener, skill_status
         finally:
-            os.close(pidfd)
+            posix.close(pidfd)
             if listener is not None:
-                os.close(listener)
+                posix.close(listener)
 
     # -- events --
 
@@ -531,8 +540,8 @@ class Supervisor:
         return name, "not in the base profile allow list nor syscalls.allow"
 
     def _after_exit(self, skill_status, pids_before: int, oom_before: int) -> None:
-        if skill_status is not None and os.WIFSIGNALED(skill_status) \
-                and os.WTERMSIG(skill_status) == SIGSYS:
+        if skill_status is not None and posix.WIFSIGNALED(skill_status) \
+                and posix.WTERMSIG(skill_status) == SIGSYS:
             self.emit(pid=None, layer="seccomp", operation="non-x86_64 syscall (i386/x32 ABI)",
                       decision="killed", rule="base profile: only native x86_64 syscalls "
                                                "(other arches and x32 kill the process)")
@@ -564,8 +573,8 @@ def _failure(data: bytes) -> tuple[str, str]:
 
 def _kill_and_reap(pid: int) -> None:
     try:
-        os.kill(pid, SIGKILL)
-        os.waitpid(pid, 0)
+        posix.kill(pid, SIGKILL)
+        posix.waitpid(pid, 0)
     except OSError:
         pass
 

@@ -1,7 +1,8 @@
 """`entrypoint_sha256`: the launcher hashes the open program and executes that fd.
 
 The swap tests rename another program over the entrypoint's path right after
-the supervisor's prepare() (the pin check) and before fork/exec, inside a
+the supervisor's pin check (`_complete`, while the child starts) and before
+exec, inside a
 driver process (a Supervisor may launch only once per process). With the pin
 the original program runs; without it the swapped one does, which shows the
 test can tell the two apart.
@@ -34,10 +35,10 @@ result = load_manifest(manifest)
 assert result.ok, result.errors
 
 class SwapAfterCheck(Supervisor):
-    def prepare(self):
-        plan = super().prepare()
-        os.rename(replacement, path)  # after the pin check, before fork and exec
-        return plan
+    def _complete(self):
+        launch = super()._complete()
+        os.rename(replacement, path)  # after the pin check, before exec
+        return launch
 
 try:
     outcome = SwapAfterCheck(result.policy, RunOptions(state_root=state_root),
