@@ -192,6 +192,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             and cache_root is not None:
         def keep(plan):  # for the next `run` of the same inputs (agent/fastrun.py)
             _store_plan(args, command, cache_root, plan, warnings)
+            from agent import bundle
+
+            if not bundle.fresh():
+                bundle.build()  # the agent's code changed since it was made
     return launch(policy, options, args.events, keep=keep)
 
 

@@ -11,10 +11,10 @@ same and stores the plan for next time.
 The installed command starts Python with `-I -S` (scripts/setup.sh):
 site-packages are added only when the full CLI is needed.
 """
-from __future__ import annotations
-
-import os
+import posix
 import sys
+
+from agent import oslite
 
 
 def _parse_run(argv: list[str]):
@@ -62,8 +62,11 @@ def _note(text: str) -> None:
 def fast_run(parsed) -> int | None:
     """The launch from a stored plan; None when there is none to use."""
     manifest, events, audit, local, command = parsed
-    if os.geteuid() != 0:
+    if posix.geteuid() != 0:
         return None
+    from agent import bundle
+
+    bundle.install()  # the launch path's modules from one file (agent/bundle.py)
     from agent.launch import plan_cache
 
     try:
@@ -73,15 +76,15 @@ def fast_run(parsed) -> int | None:
         return None
     if len(data) > 1 << 20:
         return None  # the loader words the limit
-    root = os.environ.get("SKILLGUARD_STATE_ROOT") or "/var/lib/skillguard"
+    root = oslite.getenv("SKILLGUARD_STATE_ROOT") or "/var/lib/skillguard"
     if not root.startswith("/"):
         return None
     material = plan_cache.inputs(manifest, data, command, audit)
-    record = plan_cache.load(os.path.normpath(root), material)
+    record = plan_cache.load(oslite.normpath(root), material)
     if record is None:
         return None
-    if not local and os.environ.get("SKILLGUARD_RUN_LOCAL") != "1" \
-            and os.path.exists(record["socket"]):
+    if not local and oslite.getenv("SKILLGUARD_RUN_LOCAL") != "1" \
+            and oslite.exists(record["socket"]):
         return None  # a daemon may be there: the full CLI asks it
     for line in record["warnings"]:
         print(line, file=sys.stderr)
@@ -133,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             # collection: ~3-5 ms); nothing of ours is left to finalise.
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(code)
+            posix._exit(code)
     if sys.flags.no_site:
         import site
 

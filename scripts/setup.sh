@@ -284,6 +284,8 @@ main() {
         # import, which never happens under PYTHONDONTWRITEBYTECODE, and then
         # every `skillguard run` compiles its modules again (~30 ms).
         "$VENV/bin/python" -m compileall -q "$REPO_ROOT/agent" >/dev/null
+        # The launch path's modules in one file (agent/bundle.py).
+        (cd "$REPO_ROOT" && "$VENV/bin/python" -m agent.bundle) || log "note: launch bundle not written"
         install_command
     fi
 
