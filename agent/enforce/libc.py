@@ -59,7 +59,11 @@ def buffer(data: bytes):
 
 
 def _longs(args) -> list:
-    return [c_long(a) if a.__class__ is int else a for a in args]
+    # ctypes passes a Python int as a C int, which libffi sign-extends into
+    # the 64-bit register (ffi64.c): right for anything in int range, and
+    # cheaper than a c_long object; larger ints would be truncated.
+    return [c_long(a) if a.__class__ is int and not -0x80000000 <= a < 0x80000000 else a
+            for a in args]
 
 
 # arch/x86/entry/syscalls/syscall_64.tbl
@@ -102,8 +106,7 @@ def syscall(name: str, *args) -> int:
 
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
-    res = _syscall(NR["prctl"], c_long(option), c_long(arg2), c_long(arg3), c_long(arg4),
-                   c_long(arg5))
+    res = _syscall(NR["prctl"], *_longs((option, arg2, arg3, arg4, arg5)))
     if res < 0:
         err = get_errno()
         raise OSError(err, f"prctl({option}): {strerror(err)}")
@@ -117,7 +120,7 @@ PR_GET_SECCOMP = 21
 
 def unshare(flags: int) -> None:
     """unshare(2); os.unshare only exists from Python 3.12."""
-    if _syscall(NR["unshare"], c_long(flags)) != 0:
+    if _syscall(NR["unshare"], *_longs((flags,))) != 0:
         err = get_errno()
         raise OSError(err, f"unshare({flags:#x}): {strerror(err)}")
 
