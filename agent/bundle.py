@@ -29,7 +29,7 @@ MODULES = (
     "agent.compile.env", "agent.enforce.cgroup", "agent.launch.child", "agent.launch.mounts",
     "agent.enforce.landlock_sys", "agent.enforce.seccomp_load", "agent.launch.notify",
 )
-VERSION = 1
+VERSION = 2
 _ROOT = oslite.dirname(oslite.dirname(oslite.abspath(__file__)))  # the directory holding agent/
 
 
@@ -58,7 +58,8 @@ def _root_only(st) -> bool:
 
 
 def load() -> dict | None:
-    """{module name: (source path, is a package, code)} from a valid bundle, else None."""
+    """{module name: (source path, is a package, marshalled code)} from a
+    valid bundle, else None."""
     file = path()
     try:
         if not _root_only(posix.stat(oslite.dirname(file))):
@@ -82,7 +83,7 @@ def load() -> dict | None:
         if _stamp(source) != stamp:
             return None
         modules[name] = (source, package, code)
-    return modules
+    return modules  # code: marshal data, loaded when the module is (the child's in the child)
 
 
 class _Finder:
@@ -109,7 +110,7 @@ class _Finder:
         return None
 
     def exec_module(self, module) -> None:
-        exec(self.modules[module.__spec__.name][2], module.__dict__)
+        exec(marshal.loads(self.modules[module.__spec__.name][2]), module.__dict__)
 
 
 def install() -> bool:
@@ -138,7 +139,7 @@ def build() -> bool:
                 code = compile(fh.read(), source, "exec", dont_inherit=True)
             if stamp is None or _stamp(source) != stamp:
                 return False  # changed while we read it: next time
-            entries[name] = (source, package, stamp, code)
+            entries[name] = (source, package, stamp, marshal.dumps(code))
         tmp = f"{path()}.{posix.getpid()}.tmp"
         fd = posix.open(tmp, posix.O_WRONLY | posix.O_CREAT | posix.O_EXCL | posix.O_CLOEXEC, 0o644)
         with open(fd, "wb") as fh:
