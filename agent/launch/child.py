@@ -221,6 +221,11 @@ def _join_cgroup(plan: dict) -> None:
 
 def _confine_and_start(plan: dict, err_fd: int, sock) -> int:
     prctl(PR_SET_PDEATHSIG, SIGKILL)
+    # The supervisor cloned us with the forwarded signals blocked: as PID 1
+    # with no handler we would discard them (pid_namespaces(7)); blocked,
+    # they wait (kernel/signal.c sig_ignored). Held until the skill exists.
+    _install_forwarders()
+    _signal.pthread_sigmask(_signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
     # Import now: once Landlock holds, the agent's own files are unreadable.
     import fcntl  # noqa: F401
     import select  # noqa: F401
@@ -248,20 +253,25 @@ def _confine_and_start(plan: dict, err_fd: int, sock) -> int:
     prctl(PR_SET_DUMPABLE, 0)  # /proc/1/* stays closed to the skill
     if plan["landlock"] is not None:
         _step("landlock", _landlock, plan["landlock"])
-    _install_forwarders()
     listener = _step("seccomp", _seccomp, plan["seccomp_bpf"])
     _step("seccomp", _send_fd, sock, b"listener", listener)
     posix.close(listener)
 
+    _signal.pthread_sigmask(_signal.SIG_BLOCK, FORWARDED_SIGNALS)
     pid = posix.fork()
     if pid == 0:
         _exec(plan, err_fd, sock)
     _child_pid[0] = pid
+    for signum in _pending:  # arrived during set-up: the skill gets them at once
+        _forward(signum, None)
+    _pending.clear()
+    _signal.pthread_sigmask(_signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
     posix.close(err_fd)
     return _init_loop(pid, sock)
 
 
 _child_pid = [0]
+_pending: list = []
 
 
 def _forward(signum, _frame) -> None:
@@ -270,6 +280,8 @@ def _forward(signum, _frame) -> None:
             posix.kill(_child_pid[0], signum)
         except ProcessLookupError:
             pass
+    else:
+        _pending.append(signum)
 
 
 def _install_forwarders() -> None:
@@ -282,6 +294,9 @@ def _exec(plan: dict, err_fd: int, sock) -> None:
         sock.close()
         for signum in FORWARDED_SIGNALS:
             _signal.signal(signum, _signal.SIG_DFL)
+        # A signal the init forwarded before we got here acts now, with
+        # its default action, and the skill never starts.
+        _signal.pthread_sigmask(_signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
         if plan["exec_fd"] is not None:
             from agent.enforce.libc import execveat_fd
 

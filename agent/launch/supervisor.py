@@ -29,6 +29,9 @@ from agent.enforce.libc import CLONE_NEWPID
 
 SETUP_FAILED = 125
 FORWARDED = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP)
+# What the skill's init forwards (child.py FORWARDED_SIGNALS).
+INIT_FORWARDS = (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP, _signal.SIGQUIT,
+                 _signal.SIGUSR1, _signal.SIGUSR2)
 SIGKILL, SIGSYS = 9, 31
 # Socket families named in events (linux/socket.h).
 FAMILIES = {1: "AF_UNIX", 2: "AF_INET", 10: "AF_INET6", 16: "AF_NETLINK"}
@@ -127,6 +130,7 @@ class Supervisor:
         self.cgroup = None
         self.net = None
         self.exec_fd = None
+        self.supervisor_pid = posix.getpid()
 
     def emit(self, **fields) -> None:
         from agent.events.violation import Violation
@@ -276,6 +280,16 @@ class Supervisor:
         the cgroup by writing cgroup.procs."""
         from agent.enforce.libc import fork_into, unshare
 
+        # The child starts with the signals its init forwards blocked, so
+        # none sent before its handlers exist is lost (child.py).
+        mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, INIT_FORWARDS)
+        try:
+            return self._clone(plan, fork_into, unshare)
+        finally:
+            if posix.getpid() == self.supervisor_pid:
+                _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
+
+    def _clone(self, plan: dict, fork_into, unshare) -> int:
         cgroup_fd = self.cgroup.open_v2()
         try:
             pid = fork_into(CLONE_NEWPID, cgroup_fd)
