@@ -28,7 +28,7 @@ import posix
 import struct
 
 from agent import oslite
-from agent.enforce.libc import CLONE_NEWUSER, fork_into, syscall
+from agent.enforce.libc import CLONE_NEWUSER, clone_exiting, syscall
 
 # A bind is a tuple (path, writable, origin, userns_fd): path absolute,
 # mounted over itself (or re-created under the private /tmp); origin like
@@ -170,21 +170,18 @@ def idmap_userns(owner_uid: int, owner_gid: int, uid: int, gid: int) -> int:
     """An fd of a user namespace mapping owner_uid/gid (on disk) to uid/gid.
 
     A user namespace lives only while something holds it, so a helper
-    process is born in a new one (clone3 CLONE_NEWUSER) and exits at once;
-    we write its maps (uid_map "inside outside count": inside = the id on
-    disk, outside = the skill's id) and keep an fd. That works until the
-    helper is reaped, alive or a zombie: the namespace hangs off the task's
-    credentials, which a zombie keeps until release_task() (fs/proc/base.c
-    proc_id_map_open, kernel/user_namespace.c userns_get: task_cred_xxx(task,
-    user_ns)). So there is no round trip with the helper, and it runs no
-    Python after the fork.
+    process is born in a new one and exits at once (libc.clone_exiting: no
+    copy of this process); we write its maps (uid_map "inside outside
+    count": inside = the id on disk, outside = the skill's id) and keep an
+    fd. That works until the helper is reaped, alive or a zombie: the
+    namespace hangs off the task's credentials, which a zombie keeps until
+    release_task() (fs/proc/base.c proc_id_map_open,
+    kernel/user_namespace.c userns_get: task_cred_xxx(task, user_ns)).
     """
     try:
-        pid = fork_into(CLONE_NEWUSER, None)
+        pid = clone_exiting(CLONE_NEWUSER)
     except OSError as exc:
         raise MountError(f"idmap: cannot create a user namespace: {exc.strerror}") from None
-    if pid == 0:
-        posix._exit(0)
     try:
         for name, line in (("uid_map", f"{owner_uid} {uid} 1\n"), ("gid_map", f"{owner_gid} {gid} 1\n")):
             fd = posix.open(f"/proc/{pid}/{name}", posix.O_WRONLY | posix.O_CLOEXEC)
