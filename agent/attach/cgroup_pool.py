@@ -34,8 +34,9 @@ from collections import OrderedDict, deque
 from typing import Optional
 
 SPARE_PREFIX = "reg-"
-LOW_WATER = 16  # ask for more when a key has fewer spares than this
+LOW_WATER = 24  # ask for more when a key has fewer spares (made or on their way) than this
 BATCH = 24  # cgroups per request
+CHUNK = 8  # the helper answers as soon as it has made this many, so spares arrive steadily
 MAX_KEYS = 16  # (skill, limits) pairs with spares; the least recently used is dropped
 _MAX_MESSAGE = 1 << 20
 
@@ -52,13 +53,15 @@ def limits_key(limits) -> tuple:
 class CgroupPool:
     """The daemon's side: spares by (skill name, limits), refilled by the helper."""
 
-    def __init__(self, mounts, root: str, *, low_water: int = LOW_WATER, batch: int = BATCH):
+    def __init__(self, mounts, root: str, *, low_water: int = LOW_WATER, batch: int = BATCH,
+                 chunk: int = CHUNK):
         self.mounts = mounts
         self.root = root
         self.low_water = low_water
         self.batch = batch
+        self.chunk = chunk
         self.spares: "OrderedDict[tuple, deque]" = OrderedDict()
-        self.pending: set[tuple] = set()  # keys with a request in flight
+        self.pending: dict[tuple, int] = {}  # key -> cgroups asked for and not yet answered
         self.problem: Optional[str] = None  # why the helper stopped, if it did
         self.made = 0
         self.taken = 0
@@ -98,24 +101,48 @@ class CgroupPool:
             self._evict()
         else:
             self.spares.move_to_end(key)
-        if len(queue) < self.low_water and key not in self.pending and self.sock is not None:
-            self._request({"op": "make", "skill": skill, "limits": list(key[1]), "count": self.batch})
-            self.pending.add(key)
+        if len(queue) + self.pending.get(key, 0) < self.low_water and self.sock is not None:
+            if self._request({"op": "make", "skill": skill, "limits": list(key[1]), "count": self.batch,
+                              "chunk": self.chunk}):
+                self.pending[key] = self.pending.get(key, 0) + self.batch
         return cgroup
+
+    def ready(self, skill: str, limits) -> int:
+        """How many spares for `skill` with these limits are here now; asks the
+        helper for more when few are left or coming."""
+        key = (skill, limits_key(limits))
+        queue = self.spares.get(key)
+        have = len(queue) if queue else 0
+        if have + self.pending.get(key, 0) < self.low_water and self.sock is not None:
+            if queue is None:
+                self.spares[key] = deque()
+                self._evict()
+            if self._request({"op": "make", "skill": skill, "limits": list(key[1]), "count": self.batch,
+                              "chunk": self.chunk}):
+                self.pending[key] = self.pending.get(key, 0) + self.batch
+        return have
+
+    def coming(self, skill: str, limits) -> bool:
+        """True while the helper runs and has been asked for spares of this key."""
+        return self.sock is not None and self.pending.get((skill, limits_key(limits)), 0) > 0
 
     def _evict(self) -> None:
         while len(self.spares) > MAX_KEYS:
             _key, queue = self.spares.popitem(last=False)
+            self.pending.pop(_key, None)
             if queue:
                 self._request({"op": "drop", "cgroups": [_paths(c) for c in queue]})
 
-    def _request(self, message: dict) -> None:
+    def _request(self, message: dict) -> bool:
+        """Send a request to the helper; False if it was not sent."""
         try:
             self.sock.send(json.dumps(message).encode())
         except (BlockingIOError, InterruptedError):
-            pass  # the helper is behind; the next take() asks again
+            return False  # the helper is behind; the next take() asks again
         except OSError as exc:
             self.stop(f"sending to the helper: {exc.strerror or exc}")
+            return False
+        return True
 
     # -- answers, read from the event loop --
 
@@ -135,8 +162,12 @@ class CgroupPool:
                 return
             answer = json.loads(data)
             key = (answer["skill"], tuple(answer["limits"]))
-            self.pending.discard(key)
             made = [SkillCgroup(v2, v1, applied, cg) for v2, v1, applied, cg in answer["made"]]
+            left = self.pending.get(key, 0) - len(made) - answer.get("unmade", 0)
+            if left > 0:
+                self.pending[key] = left
+            else:
+                self.pending.pop(key, None)
             self.made += len(made)
             queue = self.spares.get(key)
             if queue is None:  # evicted meanwhile
@@ -229,23 +260,38 @@ def _helper(sock: socket.socket, mounts, root: str, daemon_pid: int) -> None:
             continue
         memory_bytes, cpu, pids = request["limits"]
         limits = LimitValues(memory_bytes, cpu, pids)
+        count = int(request["count"])
+        chunk = max(1, int(request.get("chunk", count)))
         made, error = [], None
-        for _ in range(int(request["count"])):
+        for number in range(1, count + 1):
             try:
                 cgroup = SkillCgroup.create(request["skill"], new_instance(), limits, mounts=mounts, root=root)
             except (CgroupError, OSError) as exc:
                 error = str(exc)
+            else:
+                made.append([cgroup.v2, cgroup.v1, cgroup.limits_applied(), cgroup.id])
+            # The first at once (a registration may be waiting for it), then by chunks.
+            if error is not None or len(made) == chunk or number in (1, count):
+                answer = {"skill": request["skill"], "limits": request["limits"], "made": made,
+                          "error": error, "unmade": count - number + (error is not None)}
+                if not _answer(sock, answer):
+                    return
+                made = []
+            if error is not None:
                 break
-            made.append([cgroup.v2, cgroup.v1, cgroup.limits_applied(), cgroup.id])
-        answer = {"skill": request["skill"], "limits": request["limits"], "made": made, "error": error}
-        try:
-            sock.send(json.dumps(answer).encode())
-        except OSError as exc:
-            if exc.errno in (errno.EPIPE, errno.ECONNRESET):
-                for entry in made:
-                    _rmdir_all(list(entry[1].values()) + [entry[0]])
-                return
-            raise
+
+
+def _answer(sock: socket.socket, answer: dict) -> bool:
+    """Send an answer to the daemon; False (and the cgroups in it removed) if it is gone."""
+    try:
+        sock.send(json.dumps(answer).encode())
+    except OSError as exc:
+        if exc.errno in (errno.EPIPE, errno.ECONNRESET):
+            for v2, v1, _applied, _id in answer["made"]:
+                _rmdir_all(list(v1.values()) + [v2])
+            return False
+        raise
+    return True
 
 
 def remove_stale_spares(v2_mount, v1_mounts: dict, root: str, in_use: set[int]) -> int:

@@ -6,6 +6,8 @@ cgroup with its resource limits, write the map entries and the nftables
 chain, attach the syscall tracepoints if this is the first skill that needs
 them, then move the processes. Nothing is compiled on that path: the BPF
 programs were loaded once by `Hooks.load()` at the root of the subtree.
+`Hooks.attach_many()` attaches several skills in those same steps, with the
+nftables elements of all of them in one transaction.
 
 Everything is keyed by the cgroup id, so a restarted agent finds the skills
 a dead one left in the pinned `skills` map ("orphans") and can detach them.
@@ -23,7 +25,7 @@ from agent.compile.bpf_policy import SKILL_DNS, SKILL_FS_KILL, SKILL_FS_OBSERVE,
 from agent.enforce import bpf_hooks
 from agent.enforce.cgroup import ROOT_NAME, CgroupError, SkillCgroup, cgroup_id
 from agent.attach import procs
-from agent.attach.cgroup_pool import new_instance
+from agent.attach.cgroup_pool import limits_key, new_instance
 
 ACTIVE = "active"
 NEEDS_LAUNCH = "needs launch: "
@@ -68,6 +70,16 @@ class Attachment:
         return {"skill_id": self.skill_id, "name": self.name, "pids": list(self.pids),
                 "cgroup_path": self.cgroup_path, "cgroup_id": self.cgroup_id,
                 "layers": dict(self.layers)}
+
+
+@dataclass(frozen=True)
+class AttachRequest:
+    """One skill to attach (see Hooks.attach_many)."""
+    policy: object
+    pids: tuple
+    tree: bool = False
+    require: tuple = ()
+    observe_fs: bool = True
 
 
 @dataclass
@@ -158,6 +170,7 @@ class Hooks:
             self.nft_problem = "disabled"
         self._nft_error = NftError
         self.pool = None  # CgroupPool once start_pool() ran
+        self._own_pid = os.getpid()
         self.maps.set_resolvers(resolvers)
         self._reader = bpf_hooks.RingReader(loaded.map_fds["events"], self._on_event)
         for stale in loaded.stale:
@@ -286,10 +299,116 @@ class Hooks:
             self._plans[key] = entry
         return entry[1], dict(entry[2]), entry[3]
 
+    def spare_wait(self, requests: Sequence["AttachRequest"]) -> list[bool]:
+        """For each request, True when attaching it now would make its cgroup
+        here although the pool's helper is making one for it (it then pays
+        for a mkdir in four hierarchies that the helper does anyway); the
+        caller may hold such a request back until spares arrive. Asks the
+        helper for more where few are left."""
+        if self.pool is None or self.pool.sock is None:
+            return [False] * len(requests)
+        wanted: dict = {}
+        out = []
+        for request in requests:
+            try:
+                _bpf, _layers, limits = self._plan(request.policy, request.observe_fs)
+            except AttachError:
+                out.append(False)  # refused by attach, at once
+                continue
+            key = (request.policy.name, limits_key(limits))
+            wanted[key] = wanted.get(key, 0) + 1
+            have = self.pool.ready(request.policy.name, limits)
+            out.append(wanted[key] > have and self.pool.coming(request.policy.name, limits))
+        return out
+
     def attach(self, policy, pids: Iterable[int], tree: bool = False,
                require: Iterable[str] = (), observe_fs: bool = True) -> Attachment:
-        pids = list(dict.fromkeys(int(p) for p in pids))
-        require = list(require)
+        result = self.attach_many([AttachRequest(policy, tuple(pids), tree, tuple(require), observe_fs)])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def attach_many(self, requests: Sequence["AttachRequest"]) -> list:
+        """Attach several skills at once; each result is the request's
+        Attachment, or the exception that refused it (an AttachError naming
+        the layer; nothing of that request is left). One refusal does not
+        touch the others. The pids of the requests must be disjoint.
+
+        Every request goes through the same steps, in the same order, as a
+        single attach: map entries, nftables elements, then the move, so a
+        process is never in its cgroup before its grants and refusals are in
+        place. Only the nftables elements of all the requests are written
+        together, in one netlink transaction (all or none: on an error each
+        request's are written alone, so only the one at fault is refused).
+        A `tree` request is attached on its own, after those before it: its
+        move takes descendants, which a request beside it might name."""
+        results: list = [None] * len(requests)
+        group: list[int] = []
+        for index, request in enumerate(requests):
+            if request.tree and group:
+                self._attach_group(requests, group, results)
+                group = []
+            group.append(index)
+            if request.tree:
+                self._attach_group(requests, group, results)
+                group = []
+        if group:
+            self._attach_group(requests, group, results)
+        return results
+
+    def _attach_group(self, requests, indexes: list[int], results: list) -> None:
+        prepared = []  # (index, request, _Skill, done steps)
+        for index in indexes:
+            try:
+                skill, done = self._prepare(requests[index])
+            except Exception as exc:  # noqa: BLE001 - refused; nothing of it is left
+                results[index] = exc
+                continue
+            prepared.append((index, requests[index], skill, done))
+        if self.nft is not None and prepared:
+            failed = self._nft_add_all([skill for _i, _r, skill, _d in prepared])
+            kept = []
+            for (index, request, skill, done), error in zip(prepared, failed):
+                if error is None:
+                    done.append("nft")
+                    kept.append((index, request, skill, done))
+                    continue
+                results[index] = self._undone(skill, done, AttachError("nftables-cgroup", str(error)))
+            prepared = kept
+        for index, request, skill, done in prepared:
+            try:
+                self._register(skill)
+                done.append("registered")
+                moved = self._move_in(skill, list(skill.attachment.pids), request.tree)
+            except Exception as exc:  # noqa: BLE001
+                results[index] = self._undone(skill, done, exc)
+                continue
+            except BaseException:
+                self._undo(skill, done)
+                raise
+            try:
+                layers = self._sockets_held_before(skill, moved, skill.attachment.layers, list(request.require))
+            except AttachError as exc:  # refused, and undone there
+                results[index] = exc
+                continue
+            a = skill.attachment
+            skill.attachment = Attachment(a.skill_id, a.name, tuple(moved), a.cgroup_path, a.cgroup_id, layers)
+            results[index] = skill.attachment
+
+    def _undone(self, skill: _Skill, done: list[str], exc: Exception) -> Exception:
+        """Undo what was done for a refused request; the exception to report."""
+        try:
+            self._undo(skill, done)
+        except AttachError as undo_error:
+            self.note(f"undoing {skill.attachment.skill_id}: {undo_error}")
+        return exc
+
+    def _prepare(self, request: "AttachRequest") -> tuple[_Skill, list[str]]:
+        """Check a request, take its cgroup and write its map entries: its
+        _Skill and the steps done. Raises AttachError with nothing left."""
+        policy = request.policy
+        pids = list(dict.fromkeys(int(p) for p in request.pids))
+        require = list(request.require)
         unknown = [r for r in require if r not in ALL_LAYERS]
         if unknown:
             raise AttachError("require", f"unknown layer(s) {', '.join(unknown)}; "
@@ -297,7 +416,7 @@ class Hooks:
         if not pids:
             raise AttachError("pids", "no process given")
         origins = {pid: self._check_pid(pid) for pid in pids}
-        bpf, layers, limits = self._plan(policy, observe_fs)
+        bpf, layers, limits = self._plan(policy, request.observe_fs)
         missing = [f"{r} ({layers[r]})" for r in require if layers.get(r) != ACTIVE]
         if missing:
             raise AttachError("require", "required layer(s) cannot be applied to a running process: "
@@ -337,23 +456,15 @@ class Hooks:
                 raise AttachError("bpf-connect", f"writing the skill's map entries: {exc.strerror or exc}"
                                   ) from None
             done.append("maps")
-            if self.nft is not None:
-                try:
-                    self.nft.add(v2_dir, cg, self._skill_level, bpf.flags, bpf.net4, bpf.net6,
-                                 self.resolvers)
-                except self._nft_error as exc:
-                    raise AttachError("nftables-cgroup", str(exc)) from None
-                done.append("nft")
-            self._register(skill)
-            done.append("registered")
-            moved = self._move_in(skill, pids, tree)
         except BaseException:
             self._undo(skill, done)
             raise
-        layers = self._sockets_held_before(skill, moved, layers, require)
-        attachment = Attachment(skill_id, policy.name, tuple(moved), v2_dir, cg, layers)
-        skill.attachment = attachment
-        return attachment
+        return skill, done
+
+    def _nft_add_all(self, skills: list[_Skill]) -> list:
+        """Write the nftables elements of every skill; per skill None or the error."""
+        items = [(s.v2_dir, s.attachment.cgroup_id, s.flags, s.bpf.net4, s.bpf.net6) for s in skills]
+        return self.nft.add_many(items, self._skill_level, self.resolvers)
 
     def _sockets_held_before(self, skill: _Skill, moved: list[int], layers: dict,
                              require: list[str]) -> dict:
@@ -381,9 +492,15 @@ class Hooks:
 
     def _check_pid(self, pid: int) -> dict[str, str]:
         """Refuse pids that cannot be attached; where the process is now (task_cgroups)."""
-        if pid <= 1 or pid == os.getpid():
+        if pid <= 1 or pid == self._own_pid:
             raise AttachError("pids", f"refusing to attach pid {pid}")
-        kernel_thread = procs.is_kernel_thread(pid)
+        try:
+            # A kernel thread has no executable (proc(5) /proc/PID/exe): one
+            # readlink tells most processes apart without reading their stat.
+            os.readlink(f"/proc/{pid}/exe")
+            kernel_thread = False
+        except OSError:
+            kernel_thread = procs.is_kernel_thread(pid)
         if kernel_thread is None:
             raise AttachError("pids", f"no process {pid}")
         if kernel_thread:

@@ -275,6 +275,43 @@ class NftCgroupTable:
         self._ensure(level, resolvers)
         self._apply_for(cgroup_id, flags, net4, net6, False, f"adding {v2_dir}")
 
+    def add_many(self, items: list[tuple], level: int, resolvers: Iterable[str]) -> list:
+        """add() of several skills ((v2 dir, cgroup id, flags, net4, net6) each)
+        in one transaction; per skill None or the NftError that refused it. When
+        the kernel refuses the transaction (nothing of it applied), each
+        skill's elements are written alone, so only the one at fault fails."""
+        from agent.attach.nft_netlink import NetlinkError
+
+        errors: list = [None] * len(items)
+        ready = []
+        for index, (v2_dir, cgroup_id, flags, net4, net6) in enumerate(items):
+            try:
+                nft_path(v2_dir)
+            except NftError as exc:
+                errors[index] = exc
+                continue
+            ready.append(index)
+        if not ready:
+            return errors
+        try:
+            self._ensure(level, resolvers)
+        except NftError as exc:
+            return [exc] * len(items)
+        if len(ready) > 1:
+            pairs = [(self._template(items[i][2], items[i][3], items[i][4], False), items[i][1]) for i in ready]
+            try:
+                self._elements.apply_templates(pairs)
+                return errors
+            except NetlinkError:
+                pass  # one of them is at fault: find which, alone
+        for index in ready:
+            v2_dir, cgroup_id, flags, net4, net6 = items[index]
+            try:
+                self._apply_for(cgroup_id, flags, net4, net6, False, f"adding {v2_dir}")
+            except NftError as exc:
+                errors[index] = exc
+        return errors
+
     def remove(self, v2_dir, cgroup_id: int, flags: int, net4, net6) -> None:
         """The skill's elements in one transaction; its membership first."""
         self._apply_for(cgroup_id, flags, net4, net6, True, f"removing {v2_dir}")

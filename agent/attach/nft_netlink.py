@@ -179,6 +179,23 @@ class BatchTemplate:
 
 
 _U32 = struct.Struct("=I")
+_MARKER = _NLMSGHDR.size + _NFGENMSG.size  # a batch begin or end message: header and nfgenmsg only
+
+
+def join_batches(batches: Sequence[bytes], begin_seq: int, end_seq: int) -> bytes:
+    """One batch holding the messages of several (each as batch() builds it:
+    begin, messages, end), in order, under new begin and end messages. Pure."""
+    body = []
+    for data in batches:
+        first = _NLMSGHDR.unpack_from(data, 0)
+        last = _NLMSGHDR.unpack_from(data, len(data) - _MARKER)
+        if (first[0], first[1], last[0], last[1]) != (_MARKER, NFNL_MSG_BATCH_BEGIN, _MARKER, NFNL_MSG_BATCH_END):
+            raise ValueError("not a batch of batch()'s layout")
+        body.append(data[_MARKER:len(data) - _MARKER])
+    return b"".join([_message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, begin_seq, socket.AF_UNSPEC,
+                              NFNL_SUBSYS_NFTABLES, b"")] + body
+                    + [_message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, end_seq, socket.AF_UNSPEC,
+                                NFNL_SUBSYS_NFTABLES, b"")])
 
 
 def _runs(a: bytes, b: bytes, size: int) -> list[int]:
@@ -242,6 +259,18 @@ class SetElements:
             next(self._seq)
         self.send(data, acked)
 
+    def apply_templates(self, pairs: Sequence[tuple["BatchTemplate", int]]) -> None:
+        """apply_template() of several (template, cgroup id) in one transaction: all or none."""
+        parts, acked = [], []
+        begin = next(self._seq)
+        for template, cgroup_id in pairs:
+            data, part_acked = template.fill(cgroup_id, next(self._seq))
+            for _ in range(len(template.seq_fields) - 1):
+                next(self._seq)
+            parts.append(data)
+            acked.extend(part_acked)
+        self.send(join_batches(parts, begin, next(self._seq)), acked)
+
     def send(self, data: bytes, acked: list[int]) -> None:
         """Send a batch and wait for its acknowledgements (NetlinkError on any error)."""
         self.sock.send(data)
@@ -252,19 +281,30 @@ class SetElements:
         while True:
             try:
                 errors.update((s, e) for s, e in parse_acks(self.sock.recv(65536)).items() if s in wanted)
-                continue
             except BlockingIOError:
-                pass
-            if errors and (all(s in errors for s in acked) or any(errors.values())):
+                if not select.select([self.sock], [], [], 5.0)[0]:
+                    raise NetlinkError(0, f"nf_tables did not answer within 5 s (table {self.table})") from None
+                continue
+            if len(errors) == len(wanted) or any(errors.values()):
+                # After an error the kernel aborts the batch; read what else it
+                # answered, so that nothing of this batch is left queued.
+                if any(errors.values()):
+                    self._drain(wanted, errors)
                 break
-            if not select.select([self.sock], [], [], 5.0)[0]:
-                raise NetlinkError(0, f"nf_tables did not answer within 5 s (table {self.table})")
         failed = [-errors[s] for s in acked if errors.get(s)]
         if failed:
             code = failed[0]
             raise NetlinkError(code, f"{os.strerror(code)} (nf_tables set elements of table {self.table})")
         if any(s not in errors for s in acked):
             raise NetlinkError(0, f"nf_tables did not acknowledge every change (table {self.table})")
+
+    def _drain(self, wanted: set, errors: dict) -> None:
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                return
+            errors.update((s, e) for s, e in parse_acks(data).items() if s in wanted)
 
     def close(self) -> None:
         self.sock.close()

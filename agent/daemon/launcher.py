@@ -1,8 +1,11 @@
 """Launching skills from the daemon, and hearing from their supervisors.
 
-`fork_supervisor` forks the daemon; the fork runs `supervise.supervise()`
-(agent.launch.supervisor underneath) and never returns. The daemon keeps a
-pidfd of the supervisor on its event loop: readable means it exited.
+`start_supervisor` has the launch zygote (agent/daemon/zygote.py) fork the
+supervisor when the daemon made the launch's plan and the zygote is ready;
+otherwise `fork_supervisor` forks the daemon. Either fork runs
+`supervise.supervise()` (agent.launch.supervisor underneath) and never
+returns. The daemon keeps a pidfd of the supervisor on its event loop:
+readable means it exited.
 
 `SupervisorHub` is the daemon end of `supervise.Link`: a unix stream socket
 in <state_root>/run (0700, root only), JSON lines from supervisors. A
@@ -11,14 +14,51 @@ supervisor pid is the peer's pid.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import socket
 import struct
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from agent.daemon import supervise
+
+if TYPE_CHECKING:
+    import asyncio  # imported where it is used: the zygote imports this module too
+
+
+# What a supervisor imports on its way to exec and while it supervises:
+# imported once by the daemon and by the zygote, so a launch does not pay for
+# it in every fork (about half of a launch's time before they were).
+SUPERVISOR_MODULES = (
+    "agent.launch.supervisor", "agent.launch.child", "agent.launch.mounts", "agent.launch.notify",
+    "agent.launch.exec_supervisor", "agent.compile.env", "agent.compile.exec_policy", "agent.enforce.cgroup",
+    "agent.enforce.cgroupfs", "agent.enforce.seccomp_load", "agent.enforce.landlock_sys",
+    "agent.events.violation", "agent.daemon.supervise",
+    "agent.launch.plan_cache", "fcntl", "resource", "select",
+)
+# A launch with a network grant also needs these (pyroute2, libnftables: ~20 MB).
+NETWORK_MODULES = (
+    "agent.launch.netns", "agent.compile.network", "agent.enforce.nft", "agent.net.dns_stub",
+    "agent.net.admit", "agent.net.rtnl", "agent.net.nflog", "agent.net.events", "agent.net.hostnat",
+    "nftables", "pyroute2.netlink.rtnl.ifinfmsg", "pyroute2.netlink.rtnl.ifaddrmsg",
+    "pyroute2.netlink.rtnl.rtmsg",
+)
+# Making plans (the daemon only).
+PLAN_MODULES = (
+    "agent.launch.plan", "agent.launch.identity", "agent.cache", "agent.compile", "agent.compile.landlock",
+    "agent.compile.rlimits", "agent.compile.seccomp", "agent.enforce.landlock", "pyseccomp", "shlex",
+)
+
+
+def preload_launch_modules(sets=(SUPERVISOR_MODULES, NETWORK_MODULES, PLAN_MODULES)) -> None:
+    import importlib
+
+    for modules in sets:
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - a module another layer has not built yet
+                pass
 
 
 class PlanMemo:
@@ -99,14 +139,32 @@ class UsernsFds:
 USERNS = UsernsFds()
 
 
+async def start_supervisor(daemon, launch_id: str, policy, options, stdio: list, cwd: Optional[str],
+                           state_root: str, plan: Optional[dict]) -> tuple[int, Optional[int], Optional[int]]:
+    """(supervisor pid, a pidfd of it or None, its start time or None).
+
+    A spare of the launch zygote takes the launch when the zygote is ready and
+    the plan is made; otherwise (or when no spare takes it) the daemon forks."""
+    from agent.daemon.zygote import ZygoteGone
+
+    zygote = daemon.zygote
+    if plan is not None and zygote is not None and zygote.usable():
+        try:
+            return await zygote.hand_over(launch_id, options, stdio, cwd, state_root, plan,
+                                          USERNS.for_plan(plan))
+        except ZygoteGone as exc:
+            daemon.log(f"launch {launch_id}: the launch zygote did not take it ({exc}); forking the daemon")
+    return fork_supervisor(launch_id, policy, options, stdio, cwd, state_root, plan), None, None
+
+
 def fork_supervisor(launch_id: str, policy, options, stdio: list, cwd: Optional[str],
                     state_root: str, plan: Optional[dict] = None) -> int:
-    userns = USERNS.for_plan(plan)
     """Fork; the child supervises the skill and exits. Returns the child's pid.
 
     The daemon must have no other threads (it has none: one event loop), so
     the fork holds no lock another thread owned.
     """
+    userns = USERNS.for_plan(plan)
     pid = os.fork()
     if pid == 0:
         code = 125
@@ -143,6 +201,8 @@ class SupervisorHub:
         self.connections: set = set()
 
     async def start(self) -> None:
+        import asyncio
+
         directory = os.path.dirname(self.path)
         os.makedirs(directory, mode=0o700, exist_ok=True)
         os.chmod(directory, 0o700)
@@ -164,6 +224,8 @@ class SupervisorHub:
             writer.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        import asyncio
+
         sock = writer.get_extra_info("socket")
         pid, uid, _gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
         self.connections.add(writer)

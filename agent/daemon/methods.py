@@ -144,29 +144,16 @@ async def register(daemon, conn, params, fds):
         if owner is not None:
             raise RpcError(protocol.CONFLICT, f"params.pids: process {pid} is already confined as "
                                               f"{owner.id} ({owner.name}); nothing was changed")
+        if daemon.attacher.reserved(pid):
+            raise RpcError(protocol.CONFLICT, f"params.pids: process {pid} is being registered by "
+                                              "another request; nothing was changed")
     from agent.daemon.registry import boot_id
 
     skill = Skill(id=new_id("registered"), kind="registered", name=policy.name, manifest_text=text,
                   source=source, policy=policy, boot_id=boot_id(), required=tuple(require), tree=tree)
-    try:
-        attachment = daemon.attacher.attach(skill, policy, pids, tree, require)
-    except RpcError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the attach layer reports its refusals as exceptions
-        layer = getattr(exc, "layer", None)
-        raise RpcError(protocol.LAYER_UNAVAILABLE, f"register refused: {exc}; nothing was changed",
-                       {"layer": layer} if layer else None) from None
-    skill.attachment = attachment
-    skill.pids = tuple(getattr(attachment, "pids", pids))
-    skill.layers = dict(getattr(attachment, "layers", {}))
-    path = getattr(attachment, "cgroup_path", None)
-    paths = getattr(attachment, "cgroup_paths", None) or ([str(path)] if path else [])
-    skill.cgroup_paths = tuple(str(p) for p in paths)
-    skill.cgroup_id = getattr(attachment, "cgroup_id", None)
-    skill.state = "running"
-    daemon.add_skill(skill)
-    if daemon.cgroup_watch is not None:
-        daemon.cgroup_watch.watch(skill.id, skill.cgroup_paths)
+    # Attached, recorded and added to the daemon (or refused, nothing changed)
+    # together with the registrations that arrived beside it.
+    await daemon.attacher.attach(skill, policy, pids, tree, require)
     return {"id": skill.id, "skill": skill.name, "pids": list(skill.pids), "layers": skill.layers,
             "cgroup": skill.cgroup_paths[0] if skill.cgroup_paths else None,
             "cgroup_id": skill.cgroup_id}
@@ -213,7 +200,7 @@ async def launch(daemon, conn, params, fds):
         # only when both manifests agree; a refusal is recorded like `invoke`'s.
         caller_policy, caller_skill = _invoke_party(daemon, params, "invoked_by")
         _authorize_invoke(daemon, caller_policy, caller_skill, policy, None, raise_on_refusal=True)
-    from agent.daemon.launcher import PLANS, fork_supervisor
+    from agent.daemon.launcher import PLANS, start_supervisor
     from agent.daemon.registry import boot_id, process_start_time
     from agent.launch.supervisor import RunOptions
 
@@ -230,14 +217,17 @@ async def launch(daemon, conn, params, fds):
     daemon.pipeline.flush()
     stdio_fds = list(fds) if stdio else []
     plan = PLANS.get(policy, text, options, cwd)  # None: the supervisor compiles and says why not
-    supervisor_pid = fork_supervisor(skill.id, policy, options, stdio_fds, cwd, config.state_root, plan)
-    if stdio:
-        for fd in fds:
-            os.close(fd)
-        fds[:] = [-1] * len(fds)  # closed here; the connection must not close them again
+    try:
+        supervisor_pid, pidfd, supervisor_start = await start_supervisor(
+            daemon, skill.id, policy, options, stdio_fds, cwd, config.state_root, plan)
+    finally:
+        if stdio:
+            for fd in fds:
+                os.close(fd)
+            fds[:] = [-1] * len(fds)  # closed here; the connection must not close them again
     skill.supervisor_pid = supervisor_pid
-    skill.supervisor_start = process_start_time(supervisor_pid)
-    if not daemon.watch_supervisor(skill):
+    skill.supervisor_start = supervisor_start if pidfd is not None else process_start_time(supervisor_pid)
+    if not daemon.watch_supervisor(skill, pidfd):
         skill.state = "failed"
     daemon.add_skill(skill)
     future = daemon.loop.create_future()

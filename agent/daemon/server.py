@@ -21,6 +21,7 @@ import socket
 import sys
 import time
 import traceback
+from collections import deque
 from typing import Optional
 
 from agent.config import HostConfig
@@ -28,8 +29,8 @@ from agent.daemon import auth, methods, protocol, sdnotify
 from agent.daemon.connection import Connection
 from agent.daemon.skills import Skill
 
-SWEEP_INTERVAL_S = 0.5
-SWEEP_BATCH = 50
+SWEEP_INTERVAL_S = 0.1
+SWEEP_BATCH = 10  # registered skills looked at per tick: 100/s, in slices that never stall a request
 
 
 class DaemonError(RuntimeError):
@@ -58,10 +59,11 @@ class Daemon:
         self.cgroup_watch = None
         self.metrics_server = None
         self.hub = None
+        self.zygote = None  # agent/daemon/zygote.py: forks the supervisors of launches
         self._lock_fd: Optional[int] = None
         self._timers: list = []
         self.last_reload: dict = {}
-        self._sweep_cursor = 0
+        self._sweep_order: deque = deque()  # ids of registered skills the backstop has yet to look at
         self.pid_owner: dict[int, Skill] = {}  # registered pids and launched supervisors/inits
         self._request_counters: dict = {}  # (method, outcome) -> its api_requests child
 
@@ -91,9 +93,15 @@ class Daemon:
             self.group_gid = auth.group_id(config.socket_group)
         except KeyError:
             raise DaemonError(f"socket_group: no group named {config.socket_group!r}") from None
-        _preload_launch_modules()
+        from agent.daemon.launcher import preload_launch_modules
+        from agent.daemon.zygote import Zygote
+
         os.makedirs(config.state_root, mode=0o755, exist_ok=True)
         self._lock_state_root()
+        self.zygote = Zygote(self.loop, self.log)
+        if self.zygote.enabled():
+            self.zygote.start()  # it loads the launcher while this process does the same
+        preload_launch_modules()
         log_fd = 1
         if config.log_path:
             try:
@@ -214,6 +222,8 @@ class Daemon:
             await self.metrics_server.close()
         if self.hub is not None:
             await self.hub.close()
+        if self.zygote is not None:
+            self.zygote.stop()
         if self.cgroup_watch is not None:
             self.cgroup_watch.close()
         if self.attacher is not None:
@@ -251,15 +261,17 @@ class Daemon:
                 conn.close()
         # inotify on cgroup.events reports an emptied cgroup at once; this
         # backstop looks at a slice of the registered skills per tick, so the
-        # loop never stalls on thousands of cgroup.procs reads.
-        registered = [s for s in self.skills.values() if s.kind == "registered" and s.live]
-        if registered:
-            start = self._sweep_cursor % len(registered)
-            for skill in registered[start:start + SWEEP_BATCH]:
-                if not self.attacher.alive(skill):
-                    self.end_registered(skill, "every process exited")
-            self._sweep_cursor = start + SWEEP_BATCH
-        self._timers = [t for t in self._timers if not t.cancelled()]
+        # loop never stalls on thousands of cgroup.procs reads (nor on a walk
+        # of every skill: the ids are listed once per pass).
+        order = self._sweep_order
+        if not order:
+            order.extend(s.id for s in self.skills.values() if s.kind == "registered")
+        for _ in range(min(SWEEP_BATCH, len(order))):
+            skill = self.skills.get(order.popleft())
+            if skill is not None and skill.live and not self.attacher.alive(skill):
+                self.end_registered(skill, "every process exited")
+        # Only timers still to run (a handle that has run is not `cancelled()`).
+        self._timers = [t for t in self._timers if not t.cancelled() and t.when() > self.loop.time()]
         self._schedule_sweep()
 
     def _schedule_watchdog(self, interval: float) -> None:
@@ -379,6 +391,16 @@ class Daemon:
         self.persist(skill)
         self.update_gauges()
 
+    def add_skills(self, skills: list) -> None:
+        """add_skill() of several, their records in one journal write made
+        first: if it fails, none of them is added."""
+        self.registry.save_many([(skill.id, skill.to_record()) for skill in skills])
+        for skill in skills:
+            self.skills[skill.id] = skill
+            self.own_pids(skill)
+            self.metrics.skills.admit(skill.name)
+        self.update_gauges()
+
     def persist(self, skill: Skill) -> None:
         self.registry.save(skill.id, skill.to_record())
 
@@ -429,12 +451,13 @@ class Daemon:
 
     # -- launched skills --
 
-    def watch_supervisor(self, skill: Skill) -> bool:
-        """Watch the supervisor's pidfd; False if it is already gone."""
-        try:
-            pidfd = os.pidfd_open(skill.supervisor_pid)
-        except OSError:
-            return False
+    def watch_supervisor(self, skill: Skill, pidfd: Optional[int] = None) -> bool:
+        """Watch the supervisor's pidfd (opened here unless given); False if it is already gone."""
+        if pidfd is None:
+            try:
+                pidfd = os.pidfd_open(skill.supervisor_pid)
+            except OSError:
+                return False
         skill.pidfd = pidfd
         self.loop.add_reader(pidfd, self._on_supervisor_exit, skill)
         return True
@@ -471,7 +494,21 @@ class Daemon:
         skill.state = "failed" if skill.error else "exited"
         self._cleanup_launch_cgroups(skill)
         remove_exit(self.config.state_root, skill.id)
+        if skill.pidfd is not None and not skill.supervisor_gone:
+            # It reported the exit and is finishing: `wait` is answered now,
+            # and the process is reaped once it has gone.
+            pidfd, skill.pidfd = skill.pidfd, None
+            self.loop.remove_reader(pidfd)
+            self.loop.add_reader(pidfd, self._reap_supervisor, pidfd, skill.supervisor_pid)
         self._retire(skill)
+
+    def _reap_supervisor(self, pidfd: int, pid: int) -> None:
+        self.loop.remove_reader(pidfd)
+        os.close(pidfd)
+        try:
+            os.waitpid(pid, os.WNOHANG)  # ours when the daemon forked it; the zygote reaps its own
+        except ChildProcessError:
+            pass
 
     def _apply_exit(self, skill: Skill, message: dict) -> None:
         skill.exit_code = message.get("exit_code")
@@ -486,6 +523,8 @@ class Daemon:
         """The supervisor removes its cgroup; if it was killed, do it here (kill first)."""
         from agent.daemon.cgroups import remove_cgroup_paths
 
+        if not any(os.path.isdir(path) for path in skill.cgroup_paths):
+            return  # the usual case: removed already (finding the mounts costs ~0.5 ms)
         problems = remove_cgroup_paths(skill.cgroup_paths)
         for problem in problems:
             self.log(f"launch {skill.id}: cleanup: {problem}")
@@ -520,9 +559,10 @@ class Daemon:
         elif kind == "lost":
             self.pipeline.count_lost("supervisor_buffer_full", int(message.get("count", 0)))
         elif kind == "exit":
+            # Sent after the skill's init was reaped and its cgroups removed:
+            # the launch is over, whether or not the supervisor has exited yet.
             self._apply_exit(skill, message)
-            if getattr(skill, "supervisor_gone", False):
-                self._finish_launch(skill)
+            self._finish_launch(skill)
 
     # -- registered skills --
 
@@ -624,32 +664,6 @@ class Daemon:
             skill.pidfd = None
             return False
         return True
-
-
-# What a forked supervisor imports on its way to exec: imported once here, so
-# a launch does not pay for it in every fork (about half of a launch's time).
-_LAUNCH_MODULES = (
-    "agent.launch.supervisor", "agent.launch.child", "agent.launch.mounts", "agent.launch.identity",
-    "agent.launch.notify", "agent.launch.netns", "agent.launch.exec_supervisor", "agent.cache",
-    "agent.compile", "agent.compile.env", "agent.compile.landlock", "agent.compile.rlimits",
-    "agent.compile.seccomp", "agent.compile.network", "agent.compile.exec_policy",
-    "agent.enforce.cgroup", "agent.enforce.cgroupfs", "agent.enforce.landlock",
-    "agent.enforce.seccomp_load", "agent.enforce.nft", "agent.net.dns_stub", "agent.net.admit",
-    "agent.daemon.supervise", "pyseccomp", "fcntl", "resource", "shlex",
-    "agent.launch.plan", "agent.launch.plan_cache", "agent.enforce.landlock_sys",
-    "agent.net.rtnl", "agent.net.nflog", "agent.net.events", "agent.net.hostnat", "nftables",
-    "pyroute2.netlink.rtnl.ifinfmsg", "pyroute2.netlink.rtnl.ifaddrmsg", "pyroute2.netlink.rtnl.rtmsg",
-)
-
-
-def _preload_launch_modules() -> None:
-    import importlib
-
-    for name in _LAUNCH_MODULES:
-        try:
-            importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - a module another layer has not built yet
-            pass
 
 
 def run_daemon(config: HostConfig) -> int:

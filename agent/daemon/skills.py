@@ -2,6 +2,7 @@
 persistent record. Pure data; the daemon owns the kernel objects."""
 from __future__ import annotations
 
+import os
 import secrets
 import time
 from collections import deque
@@ -12,8 +13,22 @@ RECENT_VIOLATIONS = 100
 RECENT_NOTES = 50
 
 
+_random = bytearray()  # os.urandom() read ahead: one getrandom(2) per 512 ids, not one each
+
+
+def _forget_random() -> None:
+    _random.clear()  # a forked child must not hand out the ids its parent will
+
+
+os.register_at_fork(after_in_child=_forget_random)
+
+
 def new_id(kind: str) -> str:
-    return ("l-" if kind == "launched" else "r-") + secrets.token_hex(8)
+    if len(_random) < 8:
+        _random[:] = secrets.token_bytes(4096)
+    token = _random[-8:].hex()
+    del _random[-8:]
+    return ("l-" if kind == "launched" else "r-") + token
 
 
 @dataclass

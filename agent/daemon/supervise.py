@@ -109,7 +109,12 @@ class Link:
                 pass
 
 
+_CLASS: list = []
+
+
 def _supervisor_class():
+    if _CLASS:
+        return _CLASS[0]
     from agent.launch.supervisor import Supervisor
 
     class DaemonSupervisor(Supervisor):
@@ -123,6 +128,7 @@ def _supervisor_class():
                 self.on_started(pid, self.cgroup)
             return super()._supervise(pid, *args, **kwargs)
 
+    _CLASS.append(DaemonSupervisor)
     return DaemonSupervisor
 
 
@@ -138,24 +144,27 @@ def write_exit(state_root: str, launch_id: str, result: dict) -> None:
     and so is what the record would say."""
     path = exit_path(state_root, launch_id)
     tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(result, fh)
+    data = json.dumps(result).encode()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)  # one write of a few hundred bytes to a regular file: all of it
+    finally:
+        os.close(fd)
     os.rename(tmp, path)
 
 
-def supervise(launch_id: str, policy, options, stdio: list, cwd: Optional[str], state_root: str,
-              plan: Optional[dict] = None, userns: Optional[dict] = None) -> int:
-    """Body of the forked supervisor: set up the process, run the skill, report.
-    Returns the exit code for os._exit (the caller never returns to the daemon)."""
+def detach() -> None:
+    """What a forked supervisor does first, whatever it will launch (a spare
+    of the zygote does it before its launch arrives)."""
     import gc
     import signal
-    import traceback
 
-    # Nothing the daemon owns may be released here: an object finalised in
-    # this fork could close an fd number that now means something else. Every
-    # object the fork inherited, garbage included, moves to the permanent
-    # generation and is never collected here. (No gc.collect() first: on the
-    # daemon's heap it took ~23 ms per launch, and would run finalisers.)
+    # Nothing the forking process owns may be released here: an object
+    # finalised in this fork could close an fd number that now means something
+    # else. Every object the fork inherited, garbage included, moves to the
+    # permanent generation and is never collected here. (No gc.collect()
+    # first: on the daemon's heap it took ~23 ms per launch, and would run
+    # finalisers.)
     gc.freeze()
     os.setsid()
     try:
@@ -165,6 +174,15 @@ def supervise(launch_id: str, policy, options, stdio: list, cwd: Optional[str], 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD,
                    signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT):
         signal.signal(signum, signal.SIG_DFL)
+
+
+def supervise(launch_id: str, policy, options, stdio: list, cwd: Optional[str], state_root: str,
+              plan: Optional[dict] = None, userns: Optional[dict] = None, detached: bool = False) -> int:
+    """Body of the forked supervisor: set up the process, run the skill, report.
+    Returns the exit code for os._exit (the caller never returns to the daemon).
+    `detached`: detach() was done already."""
+    if not detached:
+        detach()
     null = os.open("/dev/null", os.O_RDWR)
     targets = [fd if fd is not None else null for fd in (list(stdio) + [None] * 3)[:3]]
     # dup above 2 first, so dup2 onto 0..2 never overwrites a source still needed.
@@ -204,6 +222,8 @@ def supervise(launch_id: str, policy, options, stdio: list, cwd: Optional[str], 
             code = 127 if exc.layer == "exec" else 125
             result.update(exit_code=code, error={"layer": exc.layer, "reason": exc.reason})
     except BaseException as exc:  # noqa: BLE001 - a forked child must never return
+        import traceback
+
         result.update(exit_code=125, error={"layer": "launch", "reason": f"{type(exc).__name__}: {exc}",
                                             "traceback": traceback.format_exc()[-4000:]})
     try:

@@ -218,24 +218,37 @@ def timed(cmd, env=None) -> float:
     return elapsed
 
 
-def bench_launch(daemon, runs: int) -> dict:
+def bench_launch(daemon, forking, runs: int) -> dict:
+    """Median wall time of each candidate, rounds interleaved. `daemon`
+    launches through its zygote's spares (the default), `forking` is the
+    same code with SKILLGUARD_LAUNCH_ZYGOTE=0 (the daemon forks each
+    supervisor). Also the medians of the `launch` reply alone (the skill's
+    init exists) and the zygote's RSS."""
     from agent.client import Client
 
     manifest = f"name: bench-launch\nversion: '1'\npermissions:\n  fs:\n    dirs: ['{daemon.work}:rw']\n"
+    replies: dict = {}
 
-    def through_socket() -> float:
-        t0 = time.perf_counter()
-        with Client(daemon.socket, timeout=60) as client:
-            reply = client.call("launch", {"manifest": manifest, "argv": ["/bin/true"]})
-            result = client.call("wait", {"id": reply["id"]})
-        elapsed = time.perf_counter() - t0
-        daemon.pids_seen.add(reply["supervisor_pid"])
-        if result["exit_code"] != 0:
-            raise RuntimeError(f"launch: {result}")
-        return elapsed
+    def through_socket(target, label: str):
+        def launch() -> float:
+            text = manifest.replace(str(daemon.work), str(target.work))
+            t0 = time.perf_counter()
+            with Client(target.socket, timeout=60) as client:
+                reply = client.call("launch", {"manifest": text, "argv": ["/bin/true"]})
+                t1 = time.perf_counter()
+                result = client.call("wait", {"id": reply["id"]})
+            elapsed = time.perf_counter() - t0
+            target.pids_seen.add(reply["supervisor_pid"])
+            if result["exit_code"] != 0:
+                raise RuntimeError(f"launch: {result}")
+            replies.setdefault(label, []).append(t1 - t0)
+            return elapsed
+        return launch
 
-    candidates = {"skillguard launch (socket)": through_socket,
-                  "bare fork+exec": lambda: timed(["/bin/true"])}
+    candidates = {"skillguard launch (socket)": through_socket(daemon, "skillguard launch (socket)")}
+    if forking is not None:
+        candidates["  daemon forks (no zygote)"] = through_socket(forking, "  daemon forks (no zygote)")
+    candidates["bare fork+exec"] = lambda: timed(["/bin/true"])
     if shutil.which("bwrap"):
         candidates["bubblewrap"] = lambda: timed(["bwrap", "--ro-bind", "/", "/", "--dev", "/dev",
                                                   "--proc", "/proc", "--unshare-all", "--die-with-parent",
@@ -244,11 +257,47 @@ def bench_launch(daemon, runs: int) -> dict:
         candidates["firejail"] = lambda: timed(["firejail", "--quiet", "--noprofile", "/bin/true"])
     samples = {name: [] for name in candidates}
     for name, fn in candidates.items():
-        fn()  # warm caches (compiled-policy cache, page cache)
+        fn()  # warm caches (the daemon's plan memo, page cache)
+    replies.clear()
     for _ in range(runs):
         for name, fn in candidates.items():
             samples[name].append(fn())
-    return {name: statistics.median(values) for name, values in samples.items()}
+    out = {name: {"median": statistics.median(values), "p25": percentile(values, 25),
+                  "p75": percentile(values, 75)} for name, values in samples.items()}
+    for label, values in replies.items():
+        out[label]["reply"] = statistics.median(values)
+    zygote = _zygote_pid(daemon.proc.pid)
+    out["zygote_rss"] = rss_mib(zygote) if zygote else None
+    return out
+
+
+def _zygote_pid(daemon_pid: int):
+    for tid in os.listdir(f"/proc/{daemon_pid}/task"):
+        for pid in open(f"/proc/{daemon_pid}/task/{tid}/children").read().split():
+            try:
+                if b"agent.daemon.zygote" in open(f"/proc/{pid}/cmdline", "rb").read():
+                    return int(pid)
+            except OSError:
+                continue
+    return None
+
+
+def start_forking_daemon(make_root, DaemonProcess):
+    """A second daemon for the launch part, forking every supervisor itself."""
+    saved = os.environ.get("SKILLGUARD_LAUNCH_ZYGOTE")
+    os.environ["SKILLGUARD_LAUNCH_ZYGOTE"] = "0"
+    forking = DaemonProcess(make_root())
+    try:
+        forking.start()
+    except BaseException:
+        forking.tear_down()
+        raise
+    finally:
+        if saved is None:
+            del os.environ["SKILLGUARD_LAUNCH_ZYGOTE"]
+        else:
+            os.environ["SKILLGUARD_LAUNCH_ZYGOTE"] = saved
+    return forking
 
 
 def main() -> int:
@@ -260,6 +309,8 @@ def main() -> int:
     parser.add_argument("--launches", type=int, default=15)
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--rpc", type=int, default=2000, help="round trips per JSON-RPC case")
+    parser.add_argument("--no-forking-daemon", action="store_true",
+                        help="launch: leave out the second daemon that forks every supervisor itself")
     parser.add_argument("--skip", default="", help="comma-separated parts to leave out: launch, pipeline")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -270,6 +321,7 @@ def main() -> int:
 
     root = make_root()
     daemon = DaemonProcess(root, config_extra="max_clients: 4096\n")
+    forking, launch = None, {}
     print(f"bench/daemon: {os.cpu_count()} CPUs, kernel {os.uname().release}, "
           f"load average {os.getloadavg()[0]:.2f} at start")
     try:
@@ -277,12 +329,18 @@ def main() -> int:
         register_ok = daemon.call("status")["register"] == "available"
         rpc = bench_rpc(daemon, args.rpc)
         reg = bench_register(daemon, args.skills, args.concurrent, args.clients) if register_ok else None
-        launch = bench_launch(daemon, args.launches) if "launch" not in skip else {}
+        if "launch" not in skip:
+            if not args.no_forking_daemon:
+                forking = start_forking_daemon(make_root, DaemonProcess)
+            time.sleep(1.0)  # the zygote's first spare
+            launch = bench_launch(daemon, forking, args.launches)
     finally:
-        daemon.stop()
-        daemon.end_supervisors()
-        daemon.unload_hooks()
-        remove_root(root)
+        for each in (daemon, forking):
+            if each is not None:
+                each.stop()
+                each.end_supervisors()
+                each.unload_hooks()
+                remove_root(each.root)
     pipes = [] if "pipeline" in skip else [
         ("no rate limit", bench_pipeline(args.events, rate_limit=10 ** 9)),
         ("default rate limit 1000/s/skill", bench_pipeline(args.events, rate_limit=1000))]
@@ -316,15 +374,21 @@ def main() -> int:
         print(f"  {p['per_s']:10.0f} events/s   (target >= 100000: {p['per_s'] / 100000:.2f}x of target)")
         print(f"  logged {p['logged']} + suppressed {p['suppressed']} = ingested {p['ingested']}; "
               f"streamed {p['delivered']} + lost {p['lost']}: {'balanced' if p['balanced'] else 'NOT BALANCED'}")
-    base = launch.get("bubblewrap")
+    zygote_rss = launch.pop("zygote_rss", None)
+    base = launch.get("bubblewrap", {}).get("median")
     if launch:
-        print(f"launch of /bin/true, median of {args.launches}, wall time:")
+        print(f"launch of /bin/true (new connection, `launch`, `wait`), median of {args.launches}, "
+              f"interleaved, wall time:")
     for name, value in launch.items():
-        ratio = f"{value / base:5.2f}x bubblewrap" if base else ""
-        print(f"  {name:28s} {value * 1e3:8.2f} ms  {ratio}")
+        ratio = f"{value['median'] / base:5.2f}x bubblewrap" if base else ""
+        reply = f"   (`launch` reply {value['reply'] * 1e3:.2f} ms)" if "reply" in value else ""
+        print(f"  {name:28s} {value['median'] * 1e3:8.2f} ms  (p25 {value['p25'] * 1e3:6.2f}, "
+              f"p75 {value['p75'] * 1e3:6.2f})  {ratio}{reply}")
     if base and launch:
-        sg = launch["skillguard launch (socket)"]
+        sg = launch["skillguard launch (socket)"]["median"]
         print(f"  (target: within 2x of bubblewrap: {sg / base:.2f}x)")
+        if zygote_rss is not None:
+            print(f"  launch zygote RSS {zygote_rss:.1f} MiB (a process beside the daemon)")
     return 0
 
 

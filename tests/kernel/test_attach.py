@@ -706,6 +706,59 @@ def test_cli_attach_require_refuses(tmp_path, target, lab):
     assert "nothing was changed" in done.stderr
 
 
+# ------------------------------------------------------------------ several at once
+
+def test_attach_many_writes_one_transaction_and_refuses_only_the_one_at_fault(hooks, target, tmp_path):
+    """Hooks.attach_many: the nft elements of every request go in one
+    transaction; when the kernel refuses it, each request's are written alone,
+    so the request at fault is refused (nothing of it left, its process where
+    it was) and the others are attached and confined."""
+    from agent.attach.hooks import AttachError, AttachRequest
+    from agent.manifest import load_text
+
+    # Nested prefixes whose port ranges meet: nf_tables refuses the interval
+    # element (EEXIST), so the batch holding it fails as a whole.
+    bad = load_text('name: attach-bad\nversion: "1"\npermissions:\n  tcp:\n'
+                    '    allowlist: ["10.0.0.0/8:1", "10.1.0.0/16:*"]\n', "bad.yaml").policy
+    good = manifest(tmp_path)
+    first, middle, last = target(), target(), target()
+    before = open(f"/proc/{middle.pid}/cgroup").read()
+    results = hooks.attach_many([AttachRequest(good, (first.pid,)), AttachRequest(bad, (middle.pid,)),
+                                 AttachRequest(good, (last.pid,))])
+    try:
+        assert isinstance(results[1], AttachError) and results[1].layer == "nftables-cgroup"
+        assert open(f"/proc/{middle.pid}/cgroup").read() == before
+        assert "attach-bad" not in {a.name for a in hooks.attachments()}
+        assert _ok(middle.tcp(WWW, 8081))
+        for t, attachment in ((first, results[0]), (last, results[2])):
+            assert attachment.pids == (t.pid,) and attachment.layers["nftables-cgroup"] == "active"
+            assert hooks.members(attachment.skill_id) == [t.pid]
+            assert t.tcp(WWW, 8081) == EPERM
+            assert _ok(t.tcp(WWW, 8080))
+        assert results[0].cgroup_id != results[2].cgroup_id
+    finally:
+        for result in results:
+            if not isinstance(result, BaseException):
+                hooks.detach(result.skill_id)
+
+
+def test_attach_many_refusal_in_one_request_leaves_the_others(hooks, target, tmp_path):
+    from agent.attach.hooks import AttachError, AttachRequest
+
+    policy = manifest(tmp_path)
+    alive, other = target(), target()
+    results = hooks.attach_many([AttachRequest(policy, (4_000_000,)), AttachRequest(policy, (alive.pid,)),
+                                 AttachRequest(policy, (other.pid,), require=("seccomp",))])
+    try:
+        assert isinstance(results[0], AttachError) and results[0].layer == "pids"
+        assert isinstance(results[2], AttachError) and results[2].layer == "require"
+        assert results[1].pids == (alive.pid,) and alive.tcp(WWW, 8081) == EPERM
+        assert _ok(other.tcp(WWW, 8081))
+    finally:
+        if not isinstance(results[1], BaseException):
+            hooks.detach(results[1].skill_id)
+
+
 # ------------------------------------------------------------------ cgroup pool
 
 def _spares(pool, name: str) -> list:
