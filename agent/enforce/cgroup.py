@@ -141,6 +141,13 @@ def _read(path: str) -> str:
         return f.read()
 
 
+def _current(path: str):
+    try:
+        return _read(path).strip()
+    except OSError:
+        return None  # written (and its error reported) as usual
+
+
 def _read_pids(procs_file: str) -> list[int]:
     # ENODEV: the cgroup is being removed (kernfs deactivated its files
     # before rmdir unlinks them); it has no members either way.
@@ -303,6 +310,10 @@ class SkillCgroup:
         for name, value in pairs:
             target = oslite.join(path, name)
             if name in OPTIONAL_LIMIT_FILES and not oslite.exists(target):
+                continue
+            if name == "cpu.cfs_period_us" and _current(target) == value:
+                # A new cgroup has the default period already; writing it
+                # walks every task group on the host (tg_set_bandwidth).
                 continue
             _write(target, value, ctrl)
 

@@ -11,7 +11,7 @@ a launch needs. Arguments may be Python ints (passed as C long), bytes
 `struct`), None (NULL) or any ctypes object (other callers pass those).
 """
 import _ctypes
-import struct
+import _struct as struct  # the C module `struct` re-exports: one import less
 import sys
 from posix import strerror
 

@@ -4,7 +4,7 @@ Irreversible: call it in the child between fork and exec (or in a test's
 forked child), never in the daemon.
 """
 import errno
-import struct
+import _struct as struct  # the C module `struct` re-exports: one import less
 
 from agent.enforce.libc import PR_SET_NO_NEW_PRIVS, addressof, buffer, prctl, syscall
 

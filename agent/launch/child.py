@@ -26,7 +26,7 @@ import _signal  # not `signal`/`socket`/`json`: their imports cost milliseconds 
 import _socket
 import marshal
 import posix
-import struct
+import _struct as struct  # the C module `struct` re-exports: one import less
 
 from agent.enforce.libc import (CLONE_NEWCGROUP, CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS,
                                 CLONE_NEWUTS, PR_SET_NO_NEW_PRIVS, PR_SET_PDEATHSIG, prctl,

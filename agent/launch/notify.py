@@ -15,7 +15,7 @@ every task using the filter is gone (seccomp_notify_poll in kernel/seccomp.c).
 """
 import errno
 import fcntl
-import struct
+import _struct as struct  # the C module `struct` re-exports: one import less
 
 AUDIT_ARCH_X86_64 = 0xC000003E  # include/uapi/linux/audit.h (agent.compile.bpf has the same)
 

@@ -21,7 +21,6 @@ storing and loading off.
 import marshal
 import posix
 import zlib
-from stat import S_ISDIR
 
 from agent import oslite
 
@@ -67,7 +66,7 @@ def stat_key(path: str, listed: bool = False):
     except OSError:
         return None
     key = (st.st_mode, st.st_dev, st.st_ino, st.st_uid, st.st_gid)
-    if listed or not S_ISDIR(st.st_mode):
+    if listed or st.st_mode & 0o170000 != 0o040000:  # S_ISDIR, without importing stat
         key += (st.st_size, st.st_mtime_ns)
     return key
 

@@ -21,7 +21,7 @@ import _socket
 import marshal
 import posix
 import select
-import struct
+import _struct as struct  # the C module `struct` re-exports: one import less
 import time
 
 from agent import oslite
