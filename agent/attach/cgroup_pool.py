@@ -191,14 +191,31 @@ class CgroupPool:
     # -- end --
 
     def close(self) -> None:
-        """Remove every spare and end the helper."""
+        """Remove every spare and end the helper. The helper finishes the
+        batch it is making, reads EOF and exits; the spares it reported
+        meanwhile (answers still queued here) are removed as well."""
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_WR)  # the helper reads EOF
+                sock.settimeout(5.0)
+                while True:
+                    data = sock.recv(_MAX_MESSAGE)
+                    if not data:
+                        break  # the helper has exited
+                    for v2, v1, _applied, _id in json.loads(data).get("made", []):
+                        _rmdir_all(list(v1.values()) + [v2])
+            except socket.timeout:
+                if self.pid:
+                    os.kill(self.pid, signal.SIGKILL)
+            except (OSError, ValueError, TypeError, AttributeError):
+                pass
+            finally:
+                sock.close()
         for queue in self.spares.values():
             for cgroup in queue:
                 _rmdir_all(_paths(cgroup))
         self.spares.clear()
-        if self.sock is not None:
-            self.sock.close()  # the helper reads EOF and exits
-            self.sock = None
         if self.pid:
             try:
                 os.waitpid(self.pid, 0)
@@ -212,11 +229,14 @@ def _paths(cgroup) -> list[str]:
 
 
 def _rmdir_all(paths) -> None:
+    """rmdir each spare, then its skill's directory if that is now empty
+    (as SkillCgroup.remove does; a busy one stays)."""
     for path in paths:
-        try:
-            os.rmdir(path)
-        except OSError:
-            pass
+        for directory in (path, os.path.dirname(path)):
+            try:
+                os.rmdir(directory)
+            except OSError:
+                break
 
 
 # ---- the helper process -----------------------------------------------------
