@@ -11,7 +11,14 @@ import time
 
 # Not `json` or `dataclasses`: a launch that reports an event (a refused
 # environment variable, say) must not pay their imports (bench/launch).
-from _json import encode_basestring_ascii as _json_string
+# _json itself (a shared library) is loaded at the first event.
+
+
+def _json_string(text: str) -> str:
+    global _json_string
+    from _json import encode_basestring_ascii as _json_string
+
+    return _json_string(text)
 
 LAYERS = ("seccomp", "landlock", "cgroup", "timeout", "env", "network", "launch", "invoke",
           "exec", "fs")

@@ -309,8 +309,6 @@ class Supervisor:
         return posix.fork()
 
     def _run(self, plan) -> RunResult:
-        pids_before = self._counter(self.cgroup.pids_events)
-        oom_before = self._counter(lambda: self.cgroup.memory_events().get("oom_kill", 0))
         parent_sock, child_sock = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
         err_r, err_w = posix.pipe2(posix.O_CLOEXEC)
         try:
@@ -351,7 +349,7 @@ class Supervisor:
 
         if isinstance(started, LaunchError):
             raise started
-        self._after_exit(wait_status, pids_before, oom_before)
+        self._after_exit(wait_status)
         if posix.WIFSIGNALED(status):
             code = 128 + posix.WTERMSIG(status)
         else:
@@ -553,17 +551,19 @@ class Supervisor:
                 f"base profile: {name} arguments outside the allowed checks"
         return name, "not in the base profile allow list nor syscalls.allow"
 
-    def _after_exit(self, skill_status, pids_before: int, oom_before: int) -> None:
+    def _after_exit(self, skill_status) -> None:
+        # The cgroup was made for this launch (SkillCgroup.create refuses an
+        # existing one), so its counters started at 0.
         if skill_status is not None and posix.WIFSIGNALED(skill_status) \
                 and posix.WTERMSIG(skill_status) == SIGSYS:
             self.emit(pid=None, layer="seccomp", operation="non-x86_64 syscall (i386/x32 ABI)",
                       decision="killed", rule="base profile: only native x86_64 syscalls "
                                                "(other arches and x32 kill the process)")
-        refused = self._counter(self.cgroup.pids_events) - pids_before
+        refused = self._counter(self.cgroup.pids_events)
         if refused > 0:
             self.emit(pid=None, layer="cgroup", operation=f"fork refused {refused} time(s)",
                       decision="denied", rule=f"resources.pids: {self.plan['pids_limit']}")
-        kills = self._counter(lambda: self.cgroup.memory_events().get("oom_kill", 0)) - oom_before
+        kills = self._counter(lambda: self.cgroup.memory_events().get("oom_kill", 0))
         if kills > 0:
             self.emit(pid=None, layer="cgroup", operation=f"memory: {kills} process(es) OOM-killed",
                       decision="killed",
