@@ -60,22 +60,13 @@ def _root_only(st) -> bool:
 def load() -> dict | None:
     """{module name: (source path, is a package, marshalled code)} from a
     valid bundle, else None."""
-    file = path()
-    try:
-        if not _root_only(posix.stat(oslite.dirname(file))):
-            return None
-        fd = posix.open(file, posix.O_RDONLY | posix.O_NOFOLLOW | posix.O_CLOEXEC)
-    except OSError:
+    data = oslite.read_root_only(path(), 0o022, 0o022)
+    if data is None:
         return None
     try:
-        if not _root_only(posix.fstat(fd)):
-            return None
-        with open(fd, "rb", closefd=False) as fh:
-            version, entries = marshal.loads(fh.read())
-    except (OSError, ValueError, EOFError, TypeError):
+        version, entries = marshal.loads(data)
+    except (ValueError, EOFError, TypeError):
         return None
-    finally:
-        posix.close(fd)
     if version != VERSION or not isinstance(entries, dict):
         return None
     modules = {}

@@ -95,6 +95,30 @@ def isfile(path: str) -> bool:
     return mode is not None and mode & 0o170000 == 0o100000
 
 
+def read_root_only(path: str, dir_loose: int, file_loose: int):
+    """The bytes of `path` when its directory and the file itself are root's
+    and have none of the `*_loose` mode bits; never through a symlink at the
+    end; None otherwise or on any error. For files whose contents a root
+    process trusts (agent/bundle.py, agent/launch/plan_cache.py)."""
+    try:
+        st = posix.stat(dirname(path) or ".")
+        if st.st_uid != 0 or st.st_mode & dir_loose:
+            return None
+        fd = posix.open(path, posix.O_RDONLY | posix.O_NOFOLLOW | posix.O_CLOEXEC)
+    except (OSError, ValueError):
+        return None
+    try:
+        st = posix.fstat(fd)
+        if st.st_uid != 0 or st.st_mode & file_loose:
+            return None
+        with open(fd, "rb", closefd=False) as fh:
+            return fh.read()
+    except OSError:
+        return None
+    finally:
+        posix.close(fd)
+
+
 def makedirs(path: str, mode: int = 0o777) -> None:
     """os.makedirs(path, mode, exist_ok=True): `mode` for the leaf, 0o777
     (less the umask) for the directories made on the way, as since Python 3.7."""

@@ -112,21 +112,13 @@ def load(state_root: str, material: bytes) -> dict | None:
     """The stored record ({"plan", "warnings", "socket"}) for these inputs, or None."""
     if oslite.getenv(NO_CACHE_ENV) == "1":
         return None
-    try:
-        if not _root_only(posix.stat(_cache_dir(state_root)), 0o022):
-            return None
-        fd = posix.open(_path(state_root, material), posix.O_RDONLY | posix.O_NOFOLLOW | posix.O_CLOEXEC)
-    except OSError:
+    data = oslite.read_root_only(_path(state_root, material), 0o022, 0o077)
+    if data is None:
         return None
     try:
-        if not _root_only(posix.fstat(fd), 0o077):
-            return None
-        with open(fd, "rb", closefd=False) as fh:
-            stored_material, record = marshal.loads(fh.read())
-    except (OSError, ValueError, EOFError, TypeError):
+        stored_material, record = marshal.loads(data)
+    except (ValueError, EOFError, TypeError):
         return None
-    finally:
-        posix.close(fd)
     if stored_material != material or not isinstance(record, dict):
         return None
     plan = record.get("plan")
