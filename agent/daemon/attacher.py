@@ -246,20 +246,10 @@ class Attacher:
         return None
 
     def alive(self, skill) -> bool:
-        """True while any of the skill's cgroups has a member (as
-        agent.daemon.cgroups.cgroup_populated, with one read and no file object:
-        the sweep calls this for every registered skill in turn)."""
-        from agent.attach.procs import read_proc
+        """True while any of the skill's cgroups has a member."""
+        from agent.daemon.cgroups import cgroup_populated
 
-        for path in skill.cgroup_paths:
-            try:
-                if read_proc(f"{path}/cgroup.procs").strip():
-                    return True
-            except FileNotFoundError:
-                continue
-            except OSError:
-                return True  # cannot tell: treat as alive, never tear down a live skill
-        return False
+        return cgroup_populated(skill.cgroup_paths)
 
     def network_counts(self, skill) -> dict:
         """{"dropped": n}: connects/sends the cgroup hooks refused plus packets the

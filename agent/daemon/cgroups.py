@@ -51,12 +51,14 @@ def remove_cgroup_paths(paths: Iterable[str]) -> list[str]:
 
 
 def cgroup_populated(paths: Iterable[str]) -> bool:
-    """True while any of the cgroups has a member process."""
+    """True while any of the cgroups has a member process (one read each,
+    no file object: the sweep calls this for every registered skill)."""
+    from agent.attach.procs import read_proc
+
     for text in paths:
         try:
-            with open(os.path.join(text, "cgroup.procs")) as fh:
-                if fh.read().strip():
-                    return True
+            if read_proc(os.path.join(text, "cgroup.procs")).strip():
+                return True
         except FileNotFoundError:
             continue
         except OSError:
