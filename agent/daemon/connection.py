@@ -14,6 +14,12 @@ Bounds, so one client can neither crash the daemon nor hold it up:
   subscriber loses events (counted) instead of growing the daemon;
 - at most MAX_FDS descriptors per message; unused ones are closed after each
   request.
+
+Each request carries the process that wrote it (auth.py): every read returns
+SCM_CREDENTIALS and SCM_PIDFD of its bytes' one sender, and a line is
+attributed to the sender of all its reads, or to MIXED when two senders
+wrote parts of it. A read's pidfd stays open while a request it completed
+waits to be handled (at most MAX_QUEUED per connection), and is closed after.
 """
 from __future__ import annotations
 
@@ -25,11 +31,17 @@ import time
 from collections import deque
 from typing import Optional
 
-from agent.daemon import protocol
+from agent.daemon import auth, protocol
 
 MAX_FDS = 3
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: `&` on the IntFlag member costs an enum call per read
-_ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
+_SCM_CREDENTIALS = auth.SCM_CREDENTIALS
+_SCM_PIDFD = auth.SCM_PIDFD
+# The kernel puts credentials, then the pidfd, then the descriptors (scm_recv()).
+_ANCILLARY_SPACE = (socket.CMSG_SPACE(auth.UCRED_SIZE) + socket.CMSG_SPACE(4)
+                    + socket.CMSG_SPACE(MAX_FDS * 4))
+MIXED = auth.MIXED
 MAX_QUEUED = 32
 OUTPUT_LIMIT = 8 << 20
 STREAM_HIGH_WATER = 256 << 10
@@ -43,8 +55,11 @@ class Connection:
         self.fd = sock.fileno()
         self.peer = peer
         self.buffer = protocol.LineBuffer(daemon.config.request_max_bytes)
-        self.requests: deque = deque()  # (line, fds)
+        self.requests: deque = deque()  # (line, fds, sender)
         self.fds: list[int] = []  # received and not yet attached to a request
+        self.partial_sender = None  # who wrote the line begun in self.buffer (a Peer or MIXED)
+        self.pidfd_users: dict[int, int] = {}  # a sender's pidfd -> queued or running requests of it
+        self.sender = None  # of the request being handled: a Peer, or MIXED (methods read it)
         self.out = bytearray()
         self.busy = False
         self.reading = True
@@ -69,20 +84,37 @@ class Connection:
             self.close()
             return
         received = []
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+        credentials = None
+        pidfd = None
+        for _level, kind, payload in ancdata:  # all SOL_SOCKET on a unix socket
+            if kind == _SCM_CREDENTIALS:
+                credentials = payload
+            elif kind == _SCM_PIDFD:
+                pidfd = int.from_bytes(payload[:4], "little", signed=True)
+            elif kind == _SCM_RIGHTS:
                 fds = array.array("i")
                 fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
                 received.extend(fds)
+        if credentials is not None and len(credentials) >= auth.UCRED_SIZE:
+            pid, uid, gid = auth.unpack_ucred(credentials[:auth.UCRED_SIZE])
+            sender = auth.Peer(pid, uid, gid, (), pidfd)
+        else:
+            sender = auth.UNKNOWN_SENDER
+            if pidfd is not None:
+                os.close(pidfd)
+                pidfd = None
         if flags & _MSG_CTRUNC:
             for fd in received:
                 os.close(fd)
-            received = []
+            if pidfd is not None:
+                os.close(pidfd)
             self.fail(protocol.RpcError(protocol.INVALID_REQUEST,
                                         f"at most {MAX_FDS} file descriptors per message"))
             return
         self.fds.extend(received)
         if not data:
+            if pidfd is not None:
+                os.close(pidfd)
             # EOF: the client half-closed or went away. Answer what it sent, then close.
             self.read_closed = True
             self._stop_reading()
@@ -93,13 +125,34 @@ class Connection:
             self._maybe_finish()
             return
         self.last_activity = time.monotonic()
+        continued = self.partial_sender if self.buffer.pending else None
         lines, error = self.buffer.feed(data)
+        users = 0
+        first = True
         for line in lines:
             if line.strip():
                 fds, self.fds = self.fds, []
-                self.requests.append((line, fds))
+                if first and continued is not None and (
+                        continued is MIXED or not continued.same_sender(sender)):
+                    self.requests.append((line, fds, MIXED))
+                else:
+                    users += 1
+                    self.requests.append((line, fds, sender))
+            first = False
+        if self.buffer.pending:
+            if lines or continued is None:
+                self.partial_sender = sender
+            elif continued is not MIXED and not continued.same_sender(sender):
+                self.partial_sender = MIXED
+        else:
+            self.partial_sender = None
+        if pidfd is not None:
+            if users:
+                self.pidfd_users[pidfd] = users
+            else:
+                os.close(pidfd)  # a later read that ends the line brings its own
         if error is not None:
-            self.requests.append((None, error))
+            self.requests.append((None, error, None))
             self._stop_reading()
             self.read_closed = True
         self.partial_since = (self.partial_since or time.monotonic()) if self.buffer.pending else None
@@ -125,16 +178,17 @@ class Connection:
         if not self.requests:
             self._maybe_finish()
             return
-        line, extra = self.requests.popleft()
+        line, extra, sender = self.requests.popleft()
         if line is None:  # a framing error: answer it and close
             self.fail(extra)
             return
         self.busy = True
-        self.loop.create_task(self._handle(line, extra))
+        self.sender = sender
+        self.loop.create_task(self._handle(line, extra, sender))
 
-    async def _handle(self, line: bytes, fds: list[int]) -> None:
+    async def _handle(self, line: bytes, fds: list[int], sender) -> None:
         try:
-            reply = await self.daemon.dispatch(self, line, fds)
+            reply = await self.daemon.dispatch(self, line, fds, sender)
         finally:
             for fd in fds:
                 if fd >= 0:
@@ -142,6 +196,8 @@ class Connection:
                         os.close(fd)
                     except OSError:
                         pass
+            self._release(sender)
+            self.sender = None
             self.busy = False
         if self.closed:
             return
@@ -150,6 +206,20 @@ class Connection:
         if len(self.requests) < MAX_QUEUED // 2:
             self._resume_reading()
         self._pump()
+
+    def _release(self, sender) -> None:
+        pidfd = None if sender is MIXED else sender.pidfd
+        if pidfd is None:
+            return
+        left = self.pidfd_users.get(pidfd, 0) - 1
+        if left > 0:
+            self.pidfd_users[pidfd] = left
+        else:
+            self.pidfd_users.pop(pidfd, None)
+            try:
+                os.close(pidfd)
+            except OSError:
+                pass
 
     def _maybe_finish(self) -> None:
         if self.read_closed and not self.busy and not self.requests and self.subscriber is None:
@@ -258,7 +328,7 @@ class Connection:
             except OSError:
                 pass
         self.fds = []
-        for _line, extra in self.requests:
+        for _line, extra, _sender in self.requests:
             if isinstance(extra, list):
                 for fd in extra:
                     try:
@@ -266,5 +336,17 @@ class Connection:
                     except OSError:
                         pass
         self.requests.clear()
+        # The queued requests' pidfds; the running request's is closed by
+        # _release() when it ends.
+        running = None if self.sender is None or self.sender is MIXED else self.sender.pidfd
+        for pidfd in list(self.pidfd_users):
+            if pidfd == running:
+                self.pidfd_users[pidfd] = 1
+                continue
+            del self.pidfd_users[pidfd]
+            try:
+                os.close(pidfd)
+            except OSError:
+                pass
         self.sock.close()
         self.daemon.forget(self)

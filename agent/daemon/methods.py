@@ -406,7 +406,8 @@ async def status(daemon, conn, params, fds):
                    "lost": dict(pipeline.lost), "subscribers": len(pipeline.subscribers)},
         "registry_problems": daemon.registry_problems,
         "clients": len(daemon.connections),
-        "caller": {"pid": conn.peer.pid, "uid": conn.peer.uid, "gid": conn.peer.gid},
+        "caller": {"pid": conn.sender.pid, "uid": conn.sender.uid, "gid": conn.sender.gid},
+        "connected_by": {"pid": conn.peer.pid, "uid": conn.peer.uid, "gid": conn.peer.gid},
     }
 
 

@@ -53,6 +53,7 @@ class Daemon:
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.stopping: Optional[asyncio.Event] = None
         self.listener: Optional[socket.socket] = None
+        self.sender_pidfds = False  # SO_PASSPIDFD on the listener (Linux 6.5)
         self.group_gid: Optional[int] = None
         self.registry_problems: list = []
         self.attacher = None
@@ -191,6 +192,11 @@ class Daemon:
         os.chmod(path, self.config.socket_mode)
         if self.group_gid is not None:
             os.chown(path, 0, self.group_gid)
+        # Every request is authorised by the process that wrote it (auth.py).
+        self.sender_pidfds = auth.enable_sender_credentials(sock)
+        if not self.sender_pidfds:
+            self.log("no SO_PASSPIDFD (Linux < 6.5): a request's sender is known by pid only; "
+                     "a sender that exits before its request is handled may be mistaken for the pid's next owner")
         sock.listen(128)
         self.listener = sock
         self.loop.add_reader(sock.fileno(), self._on_accept)
@@ -326,12 +332,19 @@ class Daemon:
                 self._request_counters[(method, outcome)] = child
         child.inc()
 
-    async def dispatch(self, conn: Connection, line: bytes, fds: list) -> Optional[bytes]:
+    async def dispatch(self, conn: Connection, line: bytes, fds: list, sender) -> Optional[bytes]:
+        """Answer one request line; `sender` is the process that wrote it
+        (auth.Peer from SCM_CREDENTIALS) or auth.MIXED."""
         try:
             request = protocol.parse_request(line)
         except protocol.RpcError as exc:
             self.count_request("_invalid", "error")
             return protocol.error_line(protocol.request_id_of(exc), exc)
+        if sender is auth.MIXED:
+            self.metrics.api_refused.labels(self.metrics.method_label(request.method), "mixed_senders").inc()
+            self.count_request(request.method, "unauthorized")
+            self.log(f"refused {request.method} on the connection of {conn.peer.describe()}: {auth.MIXED_SENDERS}")
+            return protocol.error_line(request.id, protocol.RpcError(protocol.UNAUTHORIZED, auth.MIXED_SENDERS))
         handler = methods.HANDLERS.get(request.method)
         if handler is None:
             self.count_request(request.method, "error")
@@ -344,13 +357,15 @@ class Daemon:
             from agent.enforce.cgroup import ROOT_NAME
 
             # Every skill cgroup (launched or registered) lies below one of these levels.
-            in_skill = auth.peer_skill_cgroup(conn.peer, {ROOT_NAME, self.config.cgroup_subtree})
-        refusal = auth.decide(request.method, conn.peer, self.group_gid, in_skill)
+            in_skill = auth.peer_skill_cgroup(sender, {ROOT_NAME, self.config.cgroup_subtree})
+        if auth.needs_groups(sender, self.group_gid):
+            sender = auth.with_groups(sender)
+        refusal = auth.decide(request.method, sender, self.group_gid, in_skill)
         if refusal is not None:
             reason = "skill_cgroup" if in_skill is not None else "not_permitted"
             self.metrics.api_refused.labels(self.metrics.method_label(request.method), reason).inc()
             self.count_request(request.method, "unauthorized")
-            self.log(f"refused {request.method}: {refusal}")
+            self.log(f"refused {request.method} on the connection of {conn.peer.describe()}: {refusal}")
             return protocol.error_line(request.id, protocol.RpcError(protocol.UNAUTHORIZED, refusal))
         try:
             result = await handler(self, conn, request.params, fds)
