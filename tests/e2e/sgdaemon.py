@@ -272,6 +272,30 @@ def running_daemon(config_extra: str = "", policies: tuple[str, ...] = ()) -> It
         daemon.tear_down()
 
 
+def read_reply(sock: socket.socket) -> dict:
+    """The first JSON line the daemon sends on a raw socket."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return json.loads(data.split(b"\n")[0])
+
+
+@contextlib.contextmanager
+def register_daemon() -> Iterator[DaemonProcess]:
+    """A running daemon whose `register` is available (else the test fails
+    on CI and skips elsewhere: tests/conftest.py require)."""
+    from conftest import require
+
+    require(os.geteuid() == 0, "needs root (euid 0)")
+    with running_daemon() as d:
+        status = d.call("status")
+        require(status["register"] == "available", f"register unavailable: {status['register']}")
+        yield d
+
+
 def read_all(fd: int, timeout: float = 30.0) -> str:
     import select
 

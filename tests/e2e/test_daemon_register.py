@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import require
-from sgdaemon import DaemonProcess, LineReader, make_root, manifest_text, running_daemon, wait_for
+from sgdaemon import DaemonProcess, LineReader, make_root, manifest_text, register_daemon, wait_for
 
 # A process started outside skillguard: one JSON command per line in, one JSON line out.
 TARGET = r'''
@@ -131,10 +131,7 @@ def register_manifest(root, granted_port: int, on_violation: str = "report", nam
 
 @pytest.fixture(scope="module")
 def daemon():
-    require(os.geteuid() == 0, "needs root (euid 0)")
-    with running_daemon() as d:
-        status = d.call("status")
-        require(status["register"] == "available", f"register unavailable: {status['register']}")
+    with register_daemon() as d:
         yield d
 
 

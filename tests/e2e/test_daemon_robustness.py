@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from conftest import require
-from sgdaemon import LineReader, manifest_text, run_in_cgroup, running_daemon, wait_for
+from sgdaemon import LineReader, manifest_text, read_reply, run_in_cgroup, running_daemon, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -26,20 +26,11 @@ def raw(daemon, timeout=10.0) -> socket.socket:
     return s
 
 
-def read_line(s: socket.socket) -> dict:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return json.loads(data.split(b"\n")[0])
-
 
 def exchange(daemon, payload: bytes) -> dict:
     with raw(daemon) as s:
         s.sendall(payload)
-        return read_line(s)
+        return read_reply(s)
 
 
 @pytest.mark.parametrize("payload,code", [
@@ -67,7 +58,7 @@ def test_huge_line_is_refused_and_the_connection_closed(daemon):
             s.sendall(b"{" + b" " * 100_000)
         except BrokenPipeError:
             pass
-        reply = read_line(s)
+        reply = read_reply(s)
         assert reply["error"]["code"] == -32006
         try:
             assert s.recv(10) == b""  # closed...
@@ -82,7 +73,7 @@ def test_slow_client_times_out_without_blocking_others(daemon):
     # Meanwhile others are served at once.
     for _ in range(5):
         assert daemon.call("status")["api_version"] == 1
-    reply = read_line(slow)  # request_timeout_s is 1 in this daemon's config
+    reply = read_reply(slow)  # request_timeout_s is 1 in this daemon's config
     assert reply["error"]["code"] == -32007
     assert slow.recv(10) == b""
     slow.close()
@@ -116,7 +107,7 @@ def test_fds_sent_without_a_use_are_closed(daemon):
         r, w = os.pipe()
         with raw(daemon) as s:
             socket.send_fds(s, [b'{"jsonrpc":"2.0","id":1,"method":"status"}\n'], [r, w, r])
-            assert "result" in read_line(s)
+            assert "result" in read_reply(s)
         os.close(r)
         os.close(w)
     wait_for(lambda: len(os.listdir(f"/proc/{daemon.proc.pid}/fd")) <= before + 2, 5,
@@ -128,7 +119,7 @@ def test_too_many_fds_in_one_message(daemon):
     try:
         with raw(daemon) as s:
             socket.send_fds(s, [b'{"jsonrpc":"2.0","id":1,"method":"status"}\n'], fds)
-            reply = read_line(s)
+            reply = read_reply(s)
             assert reply["error"]["code"] == -32600 and "file descriptors" in reply["error"]["message"]
     finally:
         for fd in fds:
@@ -141,7 +132,7 @@ def test_many_clients_at_once(daemon):
     for i, s in enumerate(socks):
         s.sendall(json.dumps({"jsonrpc": "2.0", "id": i, "method": "list"}).encode() + b"\n")
     for i, s in enumerate(socks):
-        assert read_line(s)["id"] == i
+        assert read_reply(s)["id"] == i
         s.close()
 
 
@@ -158,7 +149,7 @@ def _as_user(daemon, uid: int, groups: list[int], method: str, params: dict) -> 
             with raw(daemon) as s:
                 s.sendall(json.dumps({"jsonrpc": "2.0", "id": 1, "method": method,
                                       "params": params}).encode() + b"\n")
-                os.write(w, json.dumps(read_line(s)).encode())
+                os.write(w, json.dumps(read_reply(s)).encode())
         finally:
             os._exit(0)
     os.close(w)
@@ -199,7 +190,7 @@ def test_process_in_a_skill_cgroup_may_not_mutate(daemon):
             with raw(daemon) as s:
                 s.sendall(json.dumps({"jsonrpc": "2.0", "id": 1, "method": method,
                                       "params": params}).encode() + b"\n")
-                replies[method] = read_line(s)
+                replies[method] = read_reply(s)
         return replies
 
     replies = run_in_cgroup(mounts.v2 / "skillguard" / f"e2e-auth-{os.getpid()}", calls)

@@ -17,8 +17,7 @@ import textwrap
 
 import pytest
 
-from conftest import require
-from sgdaemon import LineReader, manifest_text, running_daemon
+from sgdaemon import LineReader, manifest_text, read_reply, register_daemon
 
 EPERM = 1
 
@@ -54,25 +53,13 @@ for line in sys.stdin:
 
 @pytest.fixture(scope="module")
 def daemon():
-    require(os.geteuid() == 0, "needs root (euid 0)")
-    with running_daemon() as d:
-        status = d.call("status")
-        require(status["register"] == "available", f"register unavailable: {status['register']}")
+    with register_daemon() as d:
         yield d
 
 
 def request(request_id, method, params=None) -> str:
     return json.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params or {}}) + "\n"
 
-
-def read_line(sock: socket.socket) -> dict:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return json.loads(data.split(b"\n")[0])
 
 
 def listening_socket() -> socket.socket:
@@ -137,7 +124,7 @@ def test_a_registered_skill_cannot_unregister_itself_on_an_inherited_connection(
                 allowlist: ["127.0.0.1:1"]
             """)
         conn.sendall(request(1, "register", {"pids": [holder.pid], "manifest": manifest}).encode())
-        registered = read_line(conn)["result"]
+        registered = read_reply(conn)["result"]
         conn.close()  # the runtime's copy; the skill's inherited copy stays open
         assert holder.ask(op="tcp", port=port) == {"errno": EPERM}
         before = daemon.metric("skillguard_api_unauthorized_requests_total", reason="skill_cgroup")
@@ -198,7 +185,7 @@ def test_a_launched_skill_given_a_root_connection_by_scm_rights_cannot_mutate(da
         daemon.pids_seen.add(launched["supervisor_pid"])
         errors = LineReader(err_r)
         try:
-            answer = read_line(conn)
+            answer = read_reply(conn)
             pid_inside = int(errors.readline())
             assert answer["id"] == 7 and answer["error"]["code"] == -32001, answer
             assert "skill cgroup" in answer["error"]["message"]
@@ -218,7 +205,7 @@ def test_a_launched_skill_given_a_root_connection_by_scm_rights_cannot_mutate(da
         assert victim["id"] in [s["id"] for s in daemon.call("list")["skills"]]
         # The connection's owner, outside any skill, may still mutate on it.
         conn.sendall(request(8, "unregister", {"id": victim["id"]}).encode())
-        assert read_line(conn)["result"] is not None
+        assert read_reply(conn)["result"] is not None
     finally:
         conn.close()
         other.end()
@@ -244,7 +231,7 @@ def test_a_line_written_by_two_processes_is_refused(daemon):
         # Whole lines from either process are answered on the same connection.
         assert holder.ask(op="send", data=request(5, "status"))["reply"]["result"]["caller"]["pid"] == holder.pid
         conn.sendall(request(6, "status").encode())
-        assert read_line(conn)["result"]["caller"]["pid"] == os.getpid()
+        assert read_reply(conn)["result"]["caller"]["pid"] == os.getpid()
     finally:
         holder.end()
         conn.close()
@@ -266,7 +253,7 @@ def test_an_unprivileged_process_on_a_root_connection_has_only_its_own_rights(da
             os.setgid(65534)
             os.setuid(65534)
             conn.sendall(request(1, "status").encode())
-            os.write(w, json.dumps(read_line(conn)).encode())
+            os.write(w, json.dumps(read_reply(conn)).encode())
         finally:
             os._exit(0)
     os.close(w)
@@ -278,7 +265,7 @@ def test_an_unprivileged_process_on_a_root_connection_has_only_its_own_rights(da
         answer = json.loads(data)
         assert answer["error"]["code"] == -32001 and f"pid {pid} uid 65534" in answer["error"]["message"], answer
         conn.sendall(request(2, "status").encode())
-        mine = read_line(conn)["result"]
+        mine = read_reply(conn)["result"]
         assert mine["caller"]["pid"] == os.getpid() and mine["connected_by"]["pid"] == os.getpid()
     finally:
         os.close(r)
