@@ -41,7 +41,9 @@ SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 SIGKILL = 9
 FORWARDED_SIGNALS = (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP, _signal.SIGQUIT,
                      _signal.SIGUSR1, _signal.SIGUSR2)
-PINNED_EXEC_FD = "\0pinned-exec-fd"  # agent/launch/plan.py
+# The Landlock rule path plan.py puts for a pinned entrypoint; _receive_launch
+# makes it /proc/self/fd/N of the fd the supervisor passed.
+PINNED_EXEC_FD = "\0pinned-exec-fd"
 SETUP_FAILED = 125
 EXEC_FAILED = 127
 STATUS = struct.Struct("=i")

@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import os
 
+from agent.launch.child import PINNED_EXEC_FD  # the pinned entrypoint's Landlock rule path
 from agent.launch.plan_cache import stat_key
 
 PLAN_VERSION = 1
-PINNED_EXEC_FD = "\0pinned-exec-fd"  # a Landlock rule path the supervisor fills in: /proc/self/fd/N
-
-
 
 
 class _Recorder:
