@@ -79,6 +79,18 @@ class Daemon:
 
     # ------------------------------------------------------------------ start
 
+    def _remove_stale_spare_cgroups(self) -> None:
+        """The neutral cgroups of spares SIGKILLed before their launch
+        (agent/daemon/zygote.py); a live spare's are left alone."""
+        from agent.enforce.cgroup import NEUTRAL_GROUP, remove_stale_instances
+        from agent.enforce.cgroupfs import cgroup_mounts
+
+        try:
+            for path in remove_stale_instances(None, "run-", cgroup_mounts(), group=NEUTRAL_GROUP):
+                self.log(f"cgroup: removed {path}, left by a launch spare that was killed")
+        except OSError as exc:
+            self.log(f"cgroup: looking for stale spare cgroups: {exc}")
+
     async def start(self) -> None:
         from agent.daemon.attacher import Attacher
         from agent.daemon.cgroupwatch import CgroupWatch
@@ -99,6 +111,7 @@ class Daemon:
 
         os.makedirs(config.state_root, mode=0o755, exist_ok=True)
         self._lock_state_root()
+        self._remove_stale_spare_cgroups()
         self.zygote = Zygote(self.loop, self.log)
         if self.zygote.enabled():
             self.zygote.start()  # it loads the launcher while this process does the same

@@ -177,10 +177,12 @@ def detach() -> None:
 
 
 def supervise(launch_id: str, policy, options, stdio: list, cwd: Optional[str], state_root: str,
-              plan: Optional[dict] = None, userns: Optional[dict] = None, detached: bool = False) -> int:
+              plan: Optional[dict] = None, userns: Optional[dict] = None, detached: bool = False,
+              prestarted=None) -> int:
     """Body of the forked supervisor: set up the process, run the skill, report.
     Returns the exit code for os._exit (the caller never returns to the daemon).
-    `detached`: detach() was done already."""
+    `detached`: detach() was done already. `prestarted`: the spare's init
+    (supervisor.PrestartedInit), used when it is still waiting."""
     if not detached:
         detach()
     null = os.open("/dev/null", os.O_RDWR)
@@ -189,7 +191,10 @@ def supervise(launch_id: str, policy, options, stdio: list, cwd: Optional[str], 
     staged = [os.dup(fd) for fd in targets]
     for number, fd in enumerate(staged):
         os.dup2(fd, number)  # inheritable: the skill gets the caller's stdio
-    keep = {0, 1, 2} | set((userns or {}).values())
+    if prestarted is not None and not prestarted.alive():
+        prestarted.discard()  # ended before its launch: start one the usual way
+        prestarted = None
+    keep = {0, 1, 2} | set((userns or {}).values()) | set(prestarted.fds() if prestarted else ())
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         if fd not in keep:
@@ -212,6 +217,7 @@ def supervise(launch_id: str, policy, options, stdio: list, cwd: Optional[str], 
         supervisor = cls(policy, options,
                          lambda v: link.send({"type": "violation", "violation": _violation_dict(v)}),
                          lambda text: link.send({"type": "note", "text": text}), plan, userns)
+        supervisor.prestarted = prestarted
         supervisor.on_started = lambda pid, cgroup: link.send(
             {"type": "started", "pid": pid, **_cgroup_info(cgroup)})
         try:

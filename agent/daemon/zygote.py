@@ -47,6 +47,7 @@ SPARES = 1  # spares the daemon keeps ready
 MAX_MESSAGE = 8 << 20  # bytes; a plan is ~16 KB, larger ones take the daemon's fork
 _FD = struct.Struct("i")
 ZYGOTE_ENV = "SKILLGUARD_LAUNCH_ZYGOTE"  # "0": fork supervisors from the daemon (bench/daemon)
+PRESTART_ENV = "SKILLGUARD_PRESTART_INIT"  # "0": spares start their init at the launch (bench/daemon)
 
 
 def _fds_of(ancillary) -> list:
@@ -375,10 +376,35 @@ class _Factory:
         ours.close()
 
 
+class _Ended(Exception):
+    pass
+
+
+def _end_spare(_signum, _frame) -> None:
+    raise _Ended  # out of the wait for a launch, through the clean-up
+
+
+def _prestart(sock):
+    """The spare's init, started now (supervisor.prestart_init: a neutral
+    cgroup, namespaces); None when that failed: the launch then starts its
+    init the usual way, which reports the layer that fails."""
+    from agent.launch.supervisor import prestart_init
+
+    if os.environ.get(PRESTART_ENV, "1") == "0":
+        return None
+    try:
+        return prestart_init(close_in_child=(sock.fileno(),))
+    except Exception:  # noqa: BLE001 - see above
+        return None
+
+
 def _spare_main(sock, supervise) -> int:
-    """A spare: detach, drop every fd but `sock` and 0..2, wait for the
-    launch, run it. (0..2 stay open so the fds received land above them:
-    supervise() puts the skill's stdio there.)"""
+    """A spare: detach, drop every fd but `sock` and 0..2, start the init,
+    wait for the launch, run it. (0..2 stay open so the fds received land
+    above them: supervise() puts the skill's stdio there.) A spare that ends
+    without a launch (EOF, SIGTERM/SIGINT/SIGHUP) removes its init and
+    cgroup; one SIGKILLed leaves `@spare/run-<pid>`, which the next spare and
+    the next daemon start remove."""
     supervise.detach()
     keep = (0, 1, 2, sock.fileno())
     for name in os.listdir("/proc/self/fd"):
@@ -395,21 +421,34 @@ def _spare_main(sock, supervise) -> int:
     for _ in range(3):
         marshal.loads(shape)
     del shape
+    import signal
+
+    ending = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    for signum in ending:
+        signal.signal(signum, _end_spare)
+    init = None
+    message = b""
     try:
+        init = _prestart(sock)
         message, ancillary, _flags, _addr = sock.recvmsg(MAX_MESSAGE, _socket.CMSG_SPACE(64 * _FD.size))
-    except OSError:
-        return 0
+        for signum in ending:
+            signal.signal(signum, signal.SIG_DFL)
+    except (OSError, _Ended):
+        pass
+    finally:
+        if not message and init is not None:
+            init.discard()
+    if not message:
+        return 0  # the daemon ended (or we were told to) before a launch came
     fds = _fds_of(ancillary)
     sock.close()
-    if not message:
-        return 0  # the daemon ended before a launch came
     launch_id, fields, cwd, state_root, plan, stdio_count, keys = marshal.loads(message)
     from agent.launch.supervisor import RunOptions
 
     stdio = fds[:stdio_count]
     userns = {tuple(key): fd for key, fd in zip(keys, fds[stdio_count:])}
     return supervise.supervise(launch_id, None, RunOptions(**fields), stdio, cwd, state_root, plan, userns,
-                               detached=True)
+                               detached=True, prestarted=init)
 
 
 def main(fd: int) -> None:

@@ -23,6 +23,9 @@ ROOT_NAME = "skillguard"
 CPU_PERIOD_US = 100_000
 CPU_MIN_QUOTA_US = 1_000  # the kernel refuses smaller CFS quotas (sched-bwc.rst)
 LIMITED_CONTROLLERS = ("memory", "pids", "cpu")
+# The group of cgroups made before their skill is known (create_neutral): `@`
+# is never in a safe_name(), so no skill's directory can be this one.
+NEUTRAL_GROUP = "@spare"
 _NAME_MAX = 64
 _SAFE_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
 
@@ -34,6 +37,23 @@ class CgroupError(RuntimeError):
         super().__init__(f"cgroup {controller}: {reason}")
         self.controller = controller
         self.reason = reason
+
+
+class CgroupExists(CgroupError):
+    """The instance's directory is there already."""
+
+
+def remove_leftover_instance(parts: tuple, instance: str, mounts, root: str = ROOT_NAME) -> None:
+    """rmdir `<root>/<parts...>/<instance>` in every hierarchy. For a caller
+    that names its instance after its own pid, a directory of that name was
+    left by an earlier process with the same pid, killed with SIGKILL before
+    it could remove it (pids come round: pid_max is 32768 here). rmdir
+    refuses one with members (EBUSY): it stays, and creating still fails."""
+    for mount in ([mounts.v2] if mounts.v2 is not None else []) + list(mounts.v1.values()):
+        try:
+            posix.rmdir(oslite.join(posix.fspath(mount), root, *parts, instance))
+        except OSError:
+            pass
 
 
 # ---- pure conversions ------------------------------------------------------
@@ -162,7 +182,8 @@ def _read_pids(procs_file: str) -> list[int]:
 def _mkdir_path(mount: str, parts: tuple[str, ...], controller: str,
                 created: list[str]) -> str:
     """mkdir every level under `mount`, appending new ones to `created`.
-    The leaf must be new: an instance name is unique per launch."""
+    The leaf must be new: an instance name is unique per launch (CgroupExists
+    otherwise)."""
     # The parents usually exist (an earlier instance made them): try the leaf
     # alone first, one mkdir instead of one per level.
     leaf = oslite.join(mount, *parts)
@@ -171,7 +192,7 @@ def _mkdir_path(mount: str, parts: tuple[str, ...], controller: str,
         created.append(leaf)
         return leaf
     except FileExistsError:
-        raise CgroupError(controller, f"{leaf} already exists") from None
+        raise CgroupExists(controller, f"{leaf} already exists") from None
     except FileNotFoundError:
         pass
     except OSError as e:
@@ -188,7 +209,7 @@ def _mkdir_path(mount: str, parts: tuple[str, ...], controller: str,
                     created.append(path)
                 except FileExistsError:
                     if i == len(parts) - 1:
-                        raise CgroupError(controller, f"{path} already exists") from None
+                        raise CgroupExists(controller, f"{path} already exists") from None
             return path
         except FileNotFoundError:
             continue
@@ -247,7 +268,50 @@ class SkillCgroup:
             raise
 
     @classmethod
-    def _create(cls, parts, limits, mounts, created: list[str]) -> "SkillCgroup":
+    def create_neutral(cls, instance: str, mounts=None, root: str = ROOT_NAME) -> "SkillCgroup":
+        """`<root>/@spare/<instance>`: a directory in v2 and in every v1
+        hierarchy a limit could need, no limit written (`apply_limits` writes
+        them once the skill is known). For an init started before its launch."""
+        mounts = mounts if mounts is not None else _mounts()
+        v2_offered = set()
+        if mounts.v2 is not None:
+            v2_offered = set(_read(oslite.join(posix.fspath(mounts.v2), "cgroup.controllers")).split())
+        every = {c: (0 if c in v2_offered or c in mounts.v1 else None) for c in LIMITED_CONTROLLERS}
+        placed = LimitValues(every["memory"], every["cpu"], every["pids"])
+        created: list[str] = []
+        try:
+            return cls._create((root, NEUTRAL_GROUP, safe_name(instance)), placed, mounts, created,
+                               write=False)
+        except BaseException:
+            for path in reversed(created):
+                try:
+                    posix.rmdir(path)
+                except OSError:
+                    pass
+            raise
+
+    def apply_limits(self, limits) -> None:
+        """Write `limits` into a cgroup from create_neutral (before anything
+        of the skill runs in it); a requested limit with no directory to
+        hold it raises CgroupError (fail closed)."""
+        applied = {}
+        for ctrl in LIMITED_CONTROLLERS:
+            if not limits.requested(ctrl):
+                applied[ctrl] = "not requested"
+                continue
+            where = self._applied.get(ctrl)
+            if where == "v2" and self.v2 is not None:
+                self._write_limits(self.v2, v2_limit_files(limits, ctrl), ctrl)
+            elif where == "v1" and ctrl in self.v1:
+                self._write_limits(self.v1[ctrl], v1_limit_files(limits, ctrl), ctrl)
+            else:
+                raise CgroupError(ctrl, "controller is neither offered by cgroup v2 nor mounted "
+                                        "as a v1 hierarchy")
+            applied[ctrl] = where
+        self._applied = applied
+
+    @classmethod
+    def _create(cls, parts, limits, mounts, created: list[str], write: bool = True) -> "SkillCgroup":
         v2_mount = posix.fspath(mounts.v2) if mounts.v2 is not None else None
         v1_mounts = {ctrl: posix.fspath(path) for ctrl, path in mounts.v1.items()}
         v2_offered = set()
@@ -269,14 +333,15 @@ class SkillCgroup:
         if v2_mount is not None:
             v2_ctrls = sorted(c for c, p in placement.items() if p == "v2" and limits.requested(c))
             v2_path = cls._make_v2(v2_mount, parts, v2_ctrls, created)
-            for ctrl in v2_ctrls:
+            for ctrl in v2_ctrls if write else ():
                 cls._write_limits(v2_path, v2_limit_files(limits, ctrl), ctrl)
 
         v1_paths: dict[str, str] = {}
         for ctrl in LIMITED_CONTROLLERS:
             if placement[ctrl] == "v1" and limits.requested(ctrl):
                 v1_paths[ctrl] = _mkdir_path(v1_mounts[ctrl], parts, ctrl, created)
-                cls._write_limits(v1_paths[ctrl], v1_limit_files(limits, ctrl), ctrl)
+                if write:
+                    cls._write_limits(v1_paths[ctrl], v1_limit_files(limits, ctrl), ctrl)
         # Without v2 `cgroup.freeze` (< 5.2, or no v2), kill() needs the v1
         # freezer to stop forks while it signals.
         if v2_path is None or not oslite.exists(oslite.join(v2_path, "cgroup.freeze")):
@@ -510,8 +575,10 @@ class SkillCgroup:
         return f"SkillCgroup(v2={self.v2}, v1={self.v1}, id={self.id})"
 
 
-def remove_stale_instances(skill: str, prefix: str, mounts, root: str = ROOT_NAME) -> list[str]:
-    """rmdir the instance directories `<root>/<skill>/<prefix><pid>` whose
+def remove_stale_instances(skill: str, prefix: str, mounts, root: str = ROOT_NAME,
+                           group: str | None = None) -> list[str]:
+    """rmdir the instance directories `<root>/<skill>/<prefix><pid>` (or
+    `<root>/<group>/...`, `group` used as it is: NEUTRAL_GROUP) whose
     process `pid` is gone, in every hierarchy: what a supervisor killed with
     SIGKILL could not remove. A live pid's (or a reused pid's) directory is
     left alone, and rmdir refuses a populated cgroup (EBUSY), so nothing in
@@ -519,7 +586,7 @@ def remove_stale_instances(skill: str, prefix: str, mounts, root: str = ROOT_NAM
     removed = []
     dirs = ([mounts.v2] if mounts.v2 is not None else []) + list(mounts.v1.values())
     for mount in dirs:
-        parent = oslite.join(posix.fspath(mount), root, safe_name(skill))
+        parent = oslite.join(posix.fspath(mount), root, group if group is not None else safe_name(skill))
         try:
             names = posix.listdir(parent)
         except OSError:

@@ -14,6 +14,12 @@ skill never starts half-confined:
     nftables and DNS stub in our netns, agent/launch/netns.py) -> loopback -> rlimits -> uid/gid/capabilities -> no_new_privs
     -> Landlock -> seccomp (listener fd sent to the supervisor) -> fork+exec
 
+Everything up to setsid is `_first_phase` (nothing of it depends on the
+skill). An init pre-started by a spare of the daemon's launch zygote runs it
+before its launch exists, in a neutral cgroup, then waits for the rest of
+its plan (`_receive_plan`, with the skill's stdio) and runs `_second_phase`
+as every other init does.
+
 It then stays as the namespace's init: PID 1 ignores every signal it has no
 handler for, even SIGTERM from its own namespace (pid_namespaces(7)), so a
 skill running as PID 1 could not be stopped politely. The init forwards
@@ -201,11 +207,32 @@ def _send_fd(sock, message: bytes, fd: int) -> None:
     sock.sendmsg([message], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack("i", fd))])
 
 
-def run(plan: dict, err_fd: int, sock) -> None:
-    """Confine this process, start the skill, act as its init. Never returns."""
+def _receive_plan(sock) -> dict:
+    """A pre-started init's plan (supervisor.py `_send_plan`): plain values,
+    with the skill's stdio as SCM_RIGHTS, put on 0..2 for the skill."""
+    message, ancillary, _flags, _addr = sock.recvmsg(1 << 20, _socket.CMSG_SPACE(3 * 4))
+    fds = []
+    for level, kind, data in ancillary:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            fds.extend(struct.unpack(f"{len(data) // 4}i", data[:len(data) - len(data) % 4]))
+    if not message.startswith(b"plan") or len(fds) != 3:
+        for fd in fds:
+            posix.close(fd)
+        raise RuntimeError("the supervisor did not send the plan")
+    for number, fd in enumerate(fds):
+        posix.dup2(fd, number)  # inheritable: the skill gets the caller's stdio
+        posix.close(fd)
+    return marshal.loads(message[4:])
+
+
+def run(plan: dict, err_fd: int, sock, prestarted: bool = False) -> None:
+    """Confine this process, start the skill, act as its init. Never returns.
+    `prestarted`: `plan` holds only the cgroup; the first phase runs now and
+    the rest of the plan comes on `sock` when the launch does (a spare of the
+    daemon's launch zygote, agent/daemon/zygote.py)."""
     code = SETUP_FAILED
     try:
-        code = _confine_and_start(plan, err_fd, sock)
+        code = _confine_and_start(plan, err_fd, sock, prestarted)
     except StepError as exc:
         _report(err_fd, exc.layer, str(exc))
     except BaseException as exc:  # noqa: BLE001 - nothing may escape a forked child
@@ -221,7 +248,15 @@ def _join_cgroup(plan: dict) -> None:
         cgroup.add(0)  # "0": the writing process itself
 
 
-def _confine_and_start(plan: dict, err_fd: int, sock) -> int:
+def _confine_and_start(plan: dict, err_fd: int, sock, prestarted: bool = False) -> int:
+    _first_phase(plan)
+    if prestarted:
+        plan = _step("launch", _receive_plan, sock)
+    return _second_phase(plan, err_fd, sock)
+
+
+def _first_phase(plan: dict) -> None:
+    """What does not depend on the skill: signals, imports, cgroup, namespaces."""
     prctl(PR_SET_PDEATHSIG, SIGKILL)
     # The supervisor cloned us with the forwarded signals blocked: as PID 1
     # with no handler we would discard them (pid_namespaces(7)); blocked,
@@ -233,13 +268,20 @@ def _confine_and_start(plan: dict, err_fd: int, sock) -> int:
     import select  # noqa: F401
     import agent.enforce.landlock_sys  # noqa: F401
     import agent.enforce.seccomp_load  # noqa: F401
-    from agent.launch import mounts
+    import agent.launch.mounts  # noqa: F401
 
     _step("cgroup", _join_cgroup, plan)
+    # The cgroup namespace's root is the cgroup joined above: the skill sees "/".
     _step("namespaces", _unshare)
+    posix.setsid()  # no controlling terminal: nothing to TIOCSTI into
+
+
+def _second_phase(plan: dict, err_fd: int, sock) -> int:
+    """The skill's confinement, from the launch message to exec."""
+    from agent.launch import mounts
+
     if plan["wait_for_network"]:
         _step("network", sock.send, b"netns")  # the supervisor may now enter our netns
-    posix.setsid()  # no controlling terminal: nothing to TIOCSTI into
     _step("mount", _receive_launch, sock, plan)
     _step("mount", mounts.setup, plan["mounts"])
     mounts.close_userns_fds(plan["mounts"]["binds"])

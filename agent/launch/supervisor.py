@@ -14,7 +14,10 @@ by plan.build() only when no stored plan fits.
 
 One launch per supervisor process: its child is PID 1 of a new PID namespace
 (clone3 with CLONE_NEWPID, and CLONE_INTO_CGROUP to start it in the skill's
-v2 cgroup). A daemon launches by forking a supervisor per skill.
+v2 cgroup). A daemon launches by forking a supervisor per skill; a spare
+supervisor (agent/daemon/zygote.py) starts its init before its launch
+(`prestart_init`: a neutral cgroup, the init's first phase), and the launch
+then writes the limits and sends the init the rest of its plan.
 """
 import _signal
 import _socket
@@ -110,8 +113,128 @@ def _recv_fd(sock) -> tuple[bytes, int | None]:
 # ------------------------------------------------------------------ supervisor
 
 
+class PrestartedInit:
+    """An init cloned before its launch was known (`prestart_init`): in its
+    neutral cgroup, its first phase done (child.py), waiting on `sock` for
+    its plan."""
+
+    __slots__ = ("pid", "sock", "err_r", "cgroup", "in_v2")
+
+    def __init__(self, pid, sock, err_r, cgroup, in_v2):
+        self.pid, self.sock, self.err_r, self.cgroup, self.in_v2 = pid, sock, err_r, cgroup, in_v2
+
+    def fds(self) -> tuple:
+        return (self.sock.fileno(), self.err_r)
+
+    def alive(self) -> bool:
+        """Still waiting for its plan (its end of the socket is open)."""
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        return not poller.poll(0)  # it sends nothing before its plan: readable is EOF
+
+    def discard(self) -> None:
+        """Kill and reap the init, remove its cgroup (a spare ending without a launch)."""
+        _kill_and_reap(self.pid)
+        self.sock.close()
+        posix.close(self.err_r)
+        self.cgroup.remove()
+
+
+def prestart_init(close_in_child=()) -> PrestartedInit:
+    """Clone an init into a new cgroup `<root>/@spare/run-<our pid>` (no limits
+    yet) and let it run its first phase (child.py): what a launch needs done
+    whatever its skill. Stale `@spare` cgroups of dead spares are removed
+    first. Raises CgroupError / OSError / LaunchError when it cannot."""
+    from agent.enforce.cgroup import (NEUTRAL_GROUP, CgroupExists, SkillCgroup,
+                                      remove_leftover_instance, remove_stale_instances)
+    from agent.enforce.cgroupfs import cgroup_mounts
+
+    mounts = cgroup_mounts()
+    remove_stale_instances(None, "run-", mounts, group=NEUTRAL_GROUP)
+    instance = f"run-{posix.getpid()}"
+    try:
+        cgroup = SkillCgroup.create_neutral(instance, mounts)
+    except CgroupExists:
+        remove_leftover_instance((NEUTRAL_GROUP,), instance, mounts)
+        cgroup = SkillCgroup.create_neutral(instance, mounts)
+    plan = {"cgroup": cgroup, "in_v2": False}
+    try:
+        pid, sock, err_r = _start_child(cgroup, plan, True, close_in_child)
+    except BaseException:
+        cgroup.remove()
+        raise
+    return PrestartedInit(pid, sock, err_r, cgroup, plan["in_v2"])
+
+
+def _start_child(cgroup, plan: dict, prestarted: bool, close_in_child=()) -> tuple:
+    """Clone the init and run child.py in it: (pid, our socket, error pipe)."""
+    parent_sock, child_sock = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+    err_r, err_w = posix.pipe2(posix.O_CLOEXEC)
+    try:
+        pid = _clone_init(cgroup, plan)
+    except BaseException:
+        for end in (parent_sock, child_sock):
+            end.close()
+        for fd in (err_r, err_w):
+            posix.close(fd)
+        raise
+    if pid == 0:
+        parent_sock.close()
+        posix.close(err_r)
+        for fd in close_in_child:
+            posix.close(fd)
+        # Imported here: the child's modules load while the supervisor
+        # makes the binds, not before the fork.
+        from agent.launch import child
+
+        child.run(plan, err_w, child_sock, prestarted)  # never returns
+    child_sock.close()
+    posix.close(err_w)
+    return pid, parent_sock, err_r
+
+
+def _clone_init(cgroup, plan: dict) -> int:
+    """The init: clone3 into a new PID namespace and the v2 cgroup; where
+    the kernel has no clone3 (< 5.7), unshare + fork and the child joins
+    the cgroup by writing cgroup.procs."""
+    from agent.enforce.libc import fork_into, unshare
+
+    parent = posix.getpid()
+    # The child starts with the signals its init forwards blocked, so
+    # none sent before its handlers exist is lost (child.py).
+    mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, INIT_FORWARDS)
+    try:
+        return _clone(cgroup, plan, fork_into, unshare)
+    finally:
+        if posix.getpid() == parent:
+            _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
+
+
+def _clone(cgroup, plan: dict, fork_into, unshare) -> int:
+    cgroup_fd = cgroup.open_v2()
+    try:
+        pid = fork_into(CLONE_NEWPID, cgroup_fd)
+        plan["in_v2"] = cgroup_fd is not None
+        return pid
+    except OSError as exc:
+        if exc.errno != 38:  # ENOSYS
+            raise LaunchError("namespaces", f"clone3(CLONE_NEWPID|CLONE_INTO_CGROUP): "
+                                            f"{exc.strerror}") from None
+    finally:
+        if cgroup_fd is not None:
+            posix.close(cgroup_fd)
+    try:
+        unshare(CLONE_NEWPID)
+    except OSError as exc:
+        raise LaunchError("namespaces", f"unshare(CLONE_NEWPID): {exc.strerror}") from None
+    return posix.fork()
+
+
 class Supervisor:
-    """Runs one launch. `policy` may be None when `plan` is given (a stored plan)."""
+    """Runs one launch. `policy` may be None when `plan` is given (a stored plan).
+    `prestarted`: a PrestartedInit to launch in (set before run())."""
+
+    prestarted = None
 
     def __init__(self, policy, options: RunOptions, emit, note, plan: dict | None = None,
                  userns: dict | None = None):
@@ -130,7 +253,6 @@ class Supervisor:
         self.cgroup = None
         self.net = None
         self.exec_fd = None
-        self.supervisor_pid = posix.getpid()
 
     def emit(self, **fields) -> None:
         from agent.events.violation import Violation
@@ -159,13 +281,25 @@ class Supervisor:
             import pickle
 
             self.network = pickle.loads(plan["network"])
-        from agent.enforce.cgroup import CgroupError, LimitValues, SkillCgroup
+        from agent.enforce.cgroup import (CgroupError, CgroupExists, LimitValues, SkillCgroup,
+                                          remove_leftover_instance, safe_name)
 
         spec = plan["cgroup"]
         self.cgroup_mounts = _CgroupMounts(spec["v2"], spec["v1"])
         try:
-            self.cgroup = SkillCgroup.create(spec["skill"], f"run-{posix.getpid()}",
-                                             LimitValues(*spec["limits"]), self.cgroup_mounts)
+            if self.prestarted is not None:
+                # Before the init gets its plan: nothing of the skill runs yet.
+                self.cgroup = self.prestarted.cgroup
+                self.cgroup.apply_limits(LimitValues(*spec["limits"]))
+            else:
+                instance = f"run-{posix.getpid()}"
+                try:
+                    self.cgroup = SkillCgroup.create(spec["skill"], instance,
+                                                     LimitValues(*spec["limits"]), self.cgroup_mounts)
+                except CgroupExists:
+                    remove_leftover_instance((safe_name(spec["skill"]),), instance, self.cgroup_mounts)
+                    self.cgroup = SkillCgroup.create(spec["skill"], instance,
+                                                     LimitValues(*spec["limits"]), self.cgroup_mounts)
         except CgroupError as exc:
             raise LaunchError("cgroup", str(exc)) from None
         return {
@@ -241,6 +375,18 @@ class Supervisor:
         self.userns_made = list(made.values())
         return binds
 
+    def _send_plan(self, plan: dict) -> None:
+        """A pre-started init's plan (child.py `_receive_plan`), with our
+        0..2 (the skill's stdio: supervise.py put them there)."""
+        init = self.prestarted
+        values = {key: value for key, value in plan.items() if key != "cgroup"}
+        values["in_v2"] = init.in_v2
+        rights = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack("3i", 0, 1, 2))]
+        try:
+            init.sock.sendmsg([b"plan" + marshal.dumps(values)], rights)
+        except OSError:
+            pass  # the init is gone; _supervise reads why from its error pipe
+
     def _send_launch(self, pid: int, sock) -> None:
         """The child's launch message (child.py `_receive_launch`): binds,
         environment, pinned entrypoint; the fds passed with SCM_RIGHTS."""
@@ -259,7 +405,12 @@ class Supervisor:
     # -- fork and supervise --
 
     def run(self) -> RunResult:
-        child_plan = self.prepare()
+        try:
+            child_plan = self.prepare()
+        except BaseException:
+            if self.prestarted is not None:
+                self.prestarted.discard()
+            raise
         try:
             return self._run(child_plan)
         finally:
@@ -274,61 +425,13 @@ class Supervisor:
             if self.exec_fd is not None:
                 posix.close(self.exec_fd)
 
-    def _fork(self, plan: dict) -> int:
-        """The init: clone3 into a new PID namespace and the v2 cgroup; where
-        the kernel has no clone3 (< 5.7), unshare + fork and the child joins
-        the cgroup by writing cgroup.procs."""
-        from agent.enforce.libc import fork_into, unshare
-
-        # The child starts with the signals its init forwards blocked, so
-        # none sent before its handlers exist is lost (child.py).
-        mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, INIT_FORWARDS)
-        try:
-            return self._clone(plan, fork_into, unshare)
-        finally:
-            if posix.getpid() == self.supervisor_pid:
-                _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
-
-    def _clone(self, plan: dict, fork_into, unshare) -> int:
-        cgroup_fd = self.cgroup.open_v2()
-        try:
-            pid = fork_into(CLONE_NEWPID, cgroup_fd)
-            plan["in_v2"] = cgroup_fd is not None
-            return pid
-        except OSError as exc:
-            if exc.errno != 38:  # ENOSYS
-                raise LaunchError("namespaces", f"clone3(CLONE_NEWPID|CLONE_INTO_CGROUP): "
-                                                f"{exc.strerror}") from None
-        finally:
-            if cgroup_fd is not None:
-                posix.close(cgroup_fd)
-        try:
-            unshare(CLONE_NEWPID)
-        except OSError as exc:
-            raise LaunchError("namespaces", f"unshare(CLONE_NEWPID): {exc.strerror}") from None
-        return posix.fork()
-
     def _run(self, plan) -> RunResult:
-        parent_sock, child_sock = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
-        err_r, err_w = posix.pipe2(posix.O_CLOEXEC)
-        try:
-            pid = self._fork(plan)
-        except BaseException:
-            for end in (parent_sock, child_sock):
-                end.close()
-            for fd in (err_r, err_w):
-                posix.close(fd)
-            raise
-        if pid == 0:
-            parent_sock.close()
-            posix.close(err_r)
-            # Imported here: the child's modules load while the supervisor
-            # makes the binds, not before the fork.
-            from agent.launch import child
-
-            child.run(plan, err_w, child_sock)  # never returns
-        child_sock.close()
-        posix.close(err_w)
+        if self.prestarted is not None:
+            init = self.prestarted
+            pid, parent_sock, err_r = init.pid, init.sock, init.err_r
+            self._send_plan(plan)
+        else:
+            pid, parent_sock, err_r = _start_child(self.cgroup, plan, False)
         self.pid = pid
         try:
             self._send_launch(pid, parent_sock)

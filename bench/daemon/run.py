@@ -13,7 +13,8 @@
    accounting check ingested == logged + suppressed and delivered + lost.
 4. launch: wall time of `/bin/true` launched through the socket and waited
    for (a new client connection each time) vs. bare fork+exec, bubblewrap
-   and firejail, medians of the same number of runs, interleaved.
+   and firejail, and through daemons without the pre-started init and
+   without the zygote; medians of the same number of runs, interleaved.
 
 Run as root with the venv python: `.venv/bin/python bench/daemon/run.py`
 (`--skills N`, `--concurrent N`, `--clients N`, `--launches N`, `--events N`
@@ -218,12 +219,14 @@ def timed(cmd, env=None) -> float:
     return elapsed
 
 
-def bench_launch(daemon, forking, runs: int) -> dict:
+def bench_launch(daemon, others: dict, runs: int) -> dict:
     """Median wall time of each candidate, rounds interleaved. `daemon`
-    launches through its zygote's spares (the default), `forking` is the
-    same code with SKILLGUARD_LAUNCH_ZYGOTE=0 (the daemon forks each
-    supervisor). Also the medians of the `launch` reply alone (the skill's
-    init exists) and the zygote's RSS."""
+    launches through its zygote's spares, each with its init pre-started
+    (the default); `others` are the same code with other settings: label ->
+    daemon (SKILLGUARD_PRESTART_INIT=0: spares start the init at the launch;
+    SKILLGUARD_LAUNCH_ZYGOTE=0: the daemon forks each supervisor). Also the
+    medians of the `launch` reply alone (the skill's init exists) and the
+    zygote's RSS."""
     from agent.client import Client
 
     manifest = f"name: bench-launch\nversion: '1'\npermissions:\n  fs:\n    dirs: ['{daemon.work}:rw']\n"
@@ -246,8 +249,8 @@ def bench_launch(daemon, forking, runs: int) -> dict:
         return launch
 
     candidates = {"skillguard launch (socket)": through_socket(daemon, "skillguard launch (socket)")}
-    if forking is not None:
-        candidates["  daemon forks (no zygote)"] = through_socket(forking, "  daemon forks (no zygote)")
+    for label, other in others.items():
+        candidates[label] = through_socket(other, label)
     candidates["bare fork+exec"] = lambda: timed(["/bin/true"])
     if shutil.which("bwrap"):
         candidates["bubblewrap"] = lambda: timed(["bwrap", "--ro-bind", "/", "/", "--dev", "/dev",
@@ -282,22 +285,27 @@ def _zygote_pid(daemon_pid: int):
     return None
 
 
-def start_forking_daemon(make_root, DaemonProcess):
-    """A second daemon for the launch part, forking every supervisor itself."""
-    saved = os.environ.get("SKILLGUARD_LAUNCH_ZYGOTE")
-    os.environ["SKILLGUARD_LAUNCH_ZYGOTE"] = "0"
-    forking = DaemonProcess(make_root())
+# The launch part's other daemons: label -> the environment setting that makes it.
+OTHER_DAEMONS = {"  spare, init at the launch": ("SKILLGUARD_PRESTART_INIT", "0"),
+                 "  daemon forks (no zygote)": ("SKILLGUARD_LAUNCH_ZYGOTE", "0")}
+
+
+def start_other_daemon(make_root, DaemonProcess, name: str, value: str):
+    """Another daemon for the launch part, started with `name`=`value`."""
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    other = DaemonProcess(make_root())
     try:
-        forking.start()
+        other.start()
     except BaseException:
-        forking.tear_down()
+        other.tear_down()
         raise
     finally:
         if saved is None:
-            del os.environ["SKILLGUARD_LAUNCH_ZYGOTE"]
+            del os.environ[name]
         else:
-            os.environ["SKILLGUARD_LAUNCH_ZYGOTE"] = saved
-    return forking
+            os.environ[name] = saved
+    return other
 
 
 def main() -> int:
@@ -309,8 +317,8 @@ def main() -> int:
     parser.add_argument("--launches", type=int, default=15)
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--rpc", type=int, default=2000, help="round trips per JSON-RPC case")
-    parser.add_argument("--no-forking-daemon", action="store_true",
-                        help="launch: leave out the second daemon that forks every supervisor itself")
+    parser.add_argument("--no-other-daemons", action="store_true",
+                        help="launch: leave out the daemons without a pre-started init or without a zygote")
     parser.add_argument("--skip", default="", help="comma-separated parts to leave out: launch, pipeline")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -321,7 +329,7 @@ def main() -> int:
 
     root = make_root()
     daemon = DaemonProcess(root, config_extra="max_clients: 4096\n")
-    forking, launch = None, {}
+    others, launch = {}, {}
     print(f"bench/daemon: {os.cpu_count()} CPUs, kernel {os.uname().release}, "
           f"load average {os.getloadavg()[0]:.2f} at start")
     try:
@@ -330,12 +338,13 @@ def main() -> int:
         rpc = bench_rpc(daemon, args.rpc)
         reg = bench_register(daemon, args.skills, args.concurrent, args.clients) if register_ok else None
         if "launch" not in skip:
-            if not args.no_forking_daemon:
-                forking = start_forking_daemon(make_root, DaemonProcess)
+            if not args.no_other_daemons:
+                for label, (name, value) in OTHER_DAEMONS.items():
+                    others[label] = start_other_daemon(make_root, DaemonProcess, name, value)
             time.sleep(1.0)  # the zygote's first spare
-            launch = bench_launch(daemon, forking, args.launches)
+            launch = bench_launch(daemon, others, args.launches)
     finally:
-        for each in (daemon, forking):
+        for each in (daemon, *others.values()):
             if each is not None:
                 each.stop()
                 each.end_supervisors()

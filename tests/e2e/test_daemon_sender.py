@@ -195,7 +195,12 @@ def test_a_launched_skill_given_a_root_connection_by_scm_rights_cannot_mutate(da
             with open(f"/proc/{sender_pid}/status") as status:
                 nspids = next(line for line in status if line.startswith("NSpid:")).split()[1:]
             assert len(nspids) == 2 and int(nspids[-1]) == pid_inside != sender_pid, nspids
-            assert "/sender-launched/" in open(f"/proc/{sender_pid}/cgroup").read()
+            # ... in the cgroup the daemon recorded for the launch (a spare's, skillguard/@spare/run-N).
+            with open(f"/proc/{sender_pid}/cgroup") as fh:
+                v2_path = next(line for line in fh.read().splitlines() if line.startswith("0::"))[3:]
+            recorded = daemon.call("inspect", {"id": launched["id"]})["cgroup_paths"]
+            assert v2_path.startswith("/skillguard/") and any(p.endswith(v2_path) for p in recorded), \
+                (v2_path, recorded)
         finally:
             os.close(stdin_w)
             errors.close()

@@ -347,3 +347,28 @@ def test_second_instance_of_same_skill_is_separate(cgroups, mounts):
         assert first.v2_path is None or first.v2_path.is_dir()  # sibling untouched
     finally:
         second.remove()
+
+
+def test_a_leftover_of_the_same_instance_name_is_replaced_only_when_empty(cgroups, mounts):
+    """A supervisor names its cgroup after its pid; one killed with SIGKILL
+    leaves an empty directory that a later process with the same pid finds."""
+    from agent.enforce.cgroup import CgroupExists, remove_leftover_instance, safe_name
+
+    limits = Limits(memory_bytes=64 * MiB, cpu=1.0, pids=32)
+    skill = f"sgtest-{os.getpid()}-leftover"
+    left = SkillCgroup.create(skill, "run-1", limits, mounts=mounts)  # the dead process's
+    try:
+        with pytest.raises(CgroupExists):
+            SkillCgroup.create(skill, "run-1", limits, mounts=mounts)
+        proc = cgroups.spawn(left, ["sleep", "30"])
+        _wait_members(left, 1)
+        remove_leftover_instance((safe_name(skill),), "run-1", mounts)  # in use: stays
+        assert left.v2_path is None or left.v2_path.is_dir()
+        proc.kill()
+        proc.wait(timeout=10)
+        remove_leftover_instance((safe_name(skill),), "run-1", mounts)
+        assert all(not Path(p).exists() for p in [left.v2] + list(left.v1.values()) if p)
+        again = SkillCgroup.create(skill, "run-1", limits, mounts=mounts)
+        again.remove()
+    finally:
+        left.remove()
