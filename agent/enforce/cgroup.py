@@ -575,6 +575,21 @@ class SkillCgroup:
         return f"SkillCgroup(v2={self.v2}, v1={self.v1}, id={self.id})"
 
 
+def _running(pid: int) -> bool:
+    """True unless `pid` is gone or a zombie: a killed supervisor whose own
+    parent died too waits to be reaped by the host's init for a while, and
+    it holds nothing (its cgroup's rmdir still fails while anything lives
+    in it)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    except OSError:
+        return True
+    return data[data.rindex(b")") + 2:][:1] not in (b"Z", b"X")
+
+
 def remove_stale_instances(skill: str, prefix: str, mounts, root: str = ROOT_NAME,
                            group: str | None = None) -> list[str]:
     """rmdir the instance directories `<root>/<skill>/<prefix><pid>` (or
@@ -594,14 +609,8 @@ def remove_stale_instances(skill: str, prefix: str, mounts, root: str = ROOT_NAM
         for name in names:
             if not name.startswith(prefix) or not name[len(prefix):].isdigit():
                 continue
-            pid = int(name[len(prefix):])
-            try:
-                posix.kill(pid, 0)
+            if _running(int(name[len(prefix):])):
                 continue  # alive (or a reused pid): not ours to judge
-            except ProcessLookupError:
-                pass
-            except PermissionError:
-                continue
             try:
                 posix.rmdir(oslite.join(parent, name))
                 removed.append(oslite.join(parent, name))

@@ -272,6 +272,25 @@ def running_daemon(config_extra: str = "", policies: tuple[str, ...] = ()) -> It
         daemon.tear_down()
 
 
+def children(pid: int) -> set[int]:
+    """The pids whose parent is `pid` (/proc/PID/task/TID/children)."""
+    out = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        out.update(int(x) for x in Path(f"/proc/{pid}/task/{tid}/children").read_text().split())
+    return out
+
+
+def zygote_of(daemon) -> int | None:
+    """The pid of the daemon's launch zygote (agent/daemon/zygote.py), if running."""
+    for pid in children(daemon.proc.pid):
+        try:
+            if b"agent.daemon.zygote" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
+        except OSError:
+            continue
+    return None
+
+
 def read_reply(sock: socket.socket) -> dict:
     """The first JSON line the daemon sends on a raw socket."""
     data = b""

@@ -12,27 +12,10 @@ from pathlib import Path
 import pytest
 
 from conftest import require
-from sgdaemon import make_root, manifest_text, read_all, remove_root, running_daemon, wait_for, DaemonProcess
+from sgdaemon import children, zygote_of, make_root, manifest_text, read_all, remove_root, running_daemon, wait_for, DaemonProcess
 
 from agent.enforce.cgroup import NEUTRAL_GROUP, ROOT_NAME
 from agent.enforce.cgroupfs import cgroup_mounts
-
-
-def _children(pid: int) -> set[int]:
-    out = set()
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        out.update(int(x) for x in Path(f"/proc/{pid}/task/{tid}/children").read_text().split())
-    return out
-
-
-def _zygote(daemon) -> int | None:
-    for pid in _children(daemon.proc.pid):
-        try:
-            if b"agent.daemon.zygote" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return pid
-        except OSError:
-            continue
-    return None
 
 
 def _ended(pid: int) -> bool:
@@ -53,11 +36,11 @@ def _neutral_dirs(spare: int) -> list[Path]:
 
 def _idle_spare(daemon) -> int:
     """A spare of the zygote whose init is waiting in its neutral cgroup."""
-    zygote = wait_for(lambda: _zygote(daemon), 10, what="the launch zygote")
+    zygote = wait_for(lambda: zygote_of(daemon), 10, what="the launch zygote")
 
     def ready():
-        for pid in _children(zygote):
-            if _neutral_dirs(pid) and _children(pid):
+        for pid in children(zygote):
+            if _neutral_dirs(pid) and children(pid):
                 return pid
         return None
 
@@ -118,7 +101,7 @@ def test_the_skill_runs_in_the_spare_cgroup_with_the_manifests_limits(daemon):
 
 def test_a_spare_ended_before_its_launch_leaves_no_cgroup(daemon):
     spare = _idle_spare(daemon)
-    init = next(iter(_children(spare)))
+    init = next(iter(children(spare)))
     os.kill(spare, signal.SIGTERM)
     wait_for(lambda: not _neutral_dirs(spare), 10, what="the spare to remove its cgroup")
     wait_for(lambda: not os.path.exists(f"/proc/{init}"), 10, what="the init to end")
@@ -126,7 +109,7 @@ def test_a_spare_ended_before_its_launch_leaves_no_cgroup(daemon):
 
     # SIGKILL: nothing can run in it; the next spare sweeps its cgroup.
     spare = _idle_spare(daemon)
-    init = next(iter(_children(spare)))
+    init = next(iter(children(spare)))
     os.kill(spare, signal.SIGKILL)
     wait_for(lambda: not os.path.exists(f"/proc/{spare}"), 10, what="the spare to be reaped")
     # The launch finds the spare dead, takes the next one, which removes the leftovers.
@@ -155,7 +138,7 @@ def test_a_daemon_killed_with_idle_spares_leaves_none_after_its_next_start():
     try:
         daemon.start()
         spare = _idle_spare(daemon)
-        init = next(iter(_children(spare)))
+        init = next(iter(children(spare)))
         os.kill(spare, signal.SIGKILL)  # as a host-wide SIGKILL would: no clean-up of its own
         daemon.kill9()
         wait_for(lambda: _ended(init), 10, what="the init to end")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import require
-from sgdaemon import DaemonProcess, make_root, manifest_text, read_all, running_daemon, wait_for
+from sgdaemon import children, zygote_of, DaemonProcess, make_root, manifest_text, read_all, running_daemon, wait_for
 
 
 def _stat(pid: int) -> list[str]:
@@ -29,29 +29,12 @@ def _rss_kib(pid: int) -> int:
     raise AssertionError(f"no VmRSS for {pid}")
 
 
-def _children(pid: int) -> set[int]:
-    out = set()
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        out.update(int(x) for x in Path(f"/proc/{pid}/task/{tid}/children").read_text().split())
-    return out
-
-
-def _zygote(daemon) -> int | None:
-    for pid in _children(daemon.proc.pid):
-        try:
-            if b"agent.daemon.zygote" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return pid
-        except OSError:
-            continue
-    return None
-
-
 def _launch_sleeper(daemon, name: str) -> dict:
     reply, out = daemon.launch(manifest_text(name, str(daemon.work)), ["/bin/sleep", "60"])
     os.close(out)
     # The skill's init forwards SIGTERM once set up (an init without a handler
     # ignores it: pid_namespaces(7)); `sleep` running under it means it is.
-    wait_for(lambda: any(Path(f"/proc/{pid}/comm").read_text() == "sleep\n" for pid in _children(reply["pid"])),
+    wait_for(lambda: any(Path(f"/proc/{pid}/comm").read_text() == "sleep\n" for pid in children(reply["pid"])),
              10, what="the skill to run")
     return reply
 
@@ -82,7 +65,7 @@ def daemon():
 
 
 def test_supervisors_come_from_the_small_zygote_and_are_reaped(daemon):
-    zygote = wait_for(lambda: _zygote(daemon), 10, what="the launch zygote")
+    zygote = wait_for(lambda: zygote_of(daemon), 10, what="the launch zygote")
     reply = _launch_through(daemon, zygote, "zyg-sleeper")
     supervisor = reply["supervisor_pid"]
     # What makes it worth having: it is a fraction of the daemon's size.
@@ -117,7 +100,7 @@ def test_launches_at_once_each_get_a_supervisor(daemon):
 
     from agent.client import Client
 
-    wait_for(lambda: _zygote(daemon), 10, what="the launch zygote")
+    wait_for(lambda: zygote_of(daemon), 10, what="the launch zygote")
     text = manifest_text("zyg-burst", str(daemon.work))
     results: list = []
 
@@ -138,8 +121,8 @@ def test_launches_at_once_each_get_a_supervisor(daemon):
 
 
 def test_a_killed_zygote_is_replaced_and_launches_go_on(daemon):
-    zygote = wait_for(lambda: _zygote(daemon), 10, what="the launch zygote")
-    spares = _children(zygote)
+    zygote = wait_for(lambda: zygote_of(daemon), 10, what="the launch zygote")
+    spares = children(zygote)
     os.kill(zygote, signal.SIGKILL)
     # Its spare supervisor sees its end of the socket close and exits.
     wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in spares | {zygote}), 10,
@@ -149,7 +132,7 @@ def test_a_killed_zygote_is_replaced_and_launches_go_on(daemon):
     os.close(out)
     assert daemon.call("wait", {"id": reply["id"], "timeout": 30})["exit_code"] == 0
     assert "launch zygote: it exited" in daemon.stderr_text()
-    replacement = wait_for(lambda: _zygote(daemon), 10, what="a new launch zygote")
+    replacement = wait_for(lambda: zygote_of(daemon), 10, what="a new launch zygote")
     assert replacement != zygote
     # ...which takes the launches from then on.
     reply = _launch_through(daemon, replacement, "zyg-replaced")
@@ -160,7 +143,7 @@ def test_zygote_off_forks_the_daemon(monkeypatch):
     require(os.geteuid() == 0, "needs root (euid 0)")
     monkeypatch.setenv("SKILLGUARD_LAUNCH_ZYGOTE", "0")
     with running_daemon() as d:
-        assert _zygote(d) is None
+        assert zygote_of(d) is None
         reply = _launch_sleeper(d, "zyg-off")
         assert _ppid(reply["supervisor_pid"]) == d.proc.pid
         assert _end(d, reply)["exit_code"] == 128 + signal.SIGTERM
@@ -173,10 +156,10 @@ def test_the_zygote_dies_with_the_daemon_and_its_supervisors_live_on():
     d2 = None
     try:
         d.start()
-        zygote = wait_for(lambda: _zygote(d), 10, what="the launch zygote")
+        zygote = wait_for(lambda: zygote_of(d), 10, what="the launch zygote")
         reply = _launch_through(d, zygote, "zyg-survivor")
         supervisor = reply["supervisor_pid"]
-        spares = _children(zygote) - {supervisor}
+        spares = children(zygote) - {supervisor}
         d.kill9()
         wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in spares | {zygote}), 10,
                  what="the zygote and its spare to die with the daemon")
