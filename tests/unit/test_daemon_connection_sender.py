@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from agent.daemon import auth
+from conftest import require
 from agent.daemon.connection import MIXED, Connection
 
 
@@ -57,8 +58,7 @@ def pair():
     client, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     server.setblocking(False)
     pidfds = auth.enable_sender_credentials(server)
-    if not pidfds:
-        pytest.skip("no SO_PASSPIDFD (Linux < 6.5)")
+    require(pidfds, "no SO_PASSPIDFD (Linux < 6.5)")
     daemon = Recorder(loop)
     conn = Connection(daemon, server, auth.peer_of(server))
     yield SimpleNamespace(loop=loop, client=client, daemon=daemon, conn=conn)
