@@ -255,17 +255,7 @@ class SkillCgroup:
     def create(cls, skill: str, instance: str, limits, mounts=None,
                root: str = ROOT_NAME) -> "SkillCgroup":
         mounts = mounts if mounts is not None else _mounts()
-        parts = (root, safe_name(skill), safe_name(str(instance)))
-        created: list[str] = []
-        try:
-            return cls._create(parts, limits, mounts, created)
-        except BaseException:
-            for path in reversed(created):
-                try:
-                    posix.rmdir(path)
-                except OSError:
-                    pass
-            raise
+        return cls._create((root, safe_name(skill), safe_name(str(instance))), limits, mounts)
 
     @classmethod
     def create_neutral(cls, instance: str, mounts=None, root: str = ROOT_NAME) -> "SkillCgroup":
@@ -278,17 +268,7 @@ class SkillCgroup:
             v2_offered = set(_read(oslite.join(posix.fspath(mounts.v2), "cgroup.controllers")).split())
         every = {c: (0 if c in v2_offered or c in mounts.v1 else None) for c in LIMITED_CONTROLLERS}
         placed = LimitValues(every["memory"], every["cpu"], every["pids"])
-        created: list[str] = []
-        try:
-            return cls._create((root, NEUTRAL_GROUP, safe_name(instance)), placed, mounts, created,
-                               write=False)
-        except BaseException:
-            for path in reversed(created):
-                try:
-                    posix.rmdir(path)
-                except OSError:
-                    pass
-            raise
+        return cls._create((root, NEUTRAL_GROUP, safe_name(instance)), placed, mounts, write=False)
 
     def apply_limits(self, limits) -> None:
         """Write `limits` into a cgroup from create_neutral (before anything
@@ -311,7 +291,22 @@ class SkillCgroup:
         self._applied = applied
 
     @classmethod
-    def _create(cls, parts, limits, mounts, created: list[str], write: bool = True) -> "SkillCgroup":
+    def _create(cls, parts, limits, mounts, write: bool = True) -> "SkillCgroup":
+        """Make the directories (and with `write`, the limits); on any
+        failure remove every directory made here."""
+        created: list[str] = []
+        try:
+            return cls._make(parts, limits, mounts, created, write)
+        except BaseException:
+            for path in reversed(created):
+                try:
+                    posix.rmdir(path)
+                except OSError:
+                    pass
+            raise
+
+    @classmethod
+    def _make(cls, parts, limits, mounts, created: list[str], write: bool) -> "SkillCgroup":
         v2_mount = posix.fspath(mounts.v2) if mounts.v2 is not None else None
         v1_mounts = {ctrl: posix.fspath(path) for ctrl, path in mounts.v1.items()}
         v2_offered = set()
