@@ -22,14 +22,14 @@ import sys
 from agent import oslite
 
 # What a launch from a stored plan imports after agent.fastrun, packages
-# before their modules (agent/fastrun.py, agent/launch/supervisor.py, child.py).
+# before their modules (agent/fastrun.py, agent/launch/supervisor.py).
 MODULES = (
     "agent.launch", "agent.launch.plan_cache", "agent.enforce", "agent.enforce.libc",
-    "agent.launch.supervisor", "agent.events", "agent.events.violation", "agent.compile",
-    "agent.compile.env", "agent.enforce.cgroup", "agent.launch.child", "agent.launch.mounts",
-    "agent.enforce.landlock_sys", "agent.enforce.seccomp_load", "agent.launch.notify",
+    "agent.launch.init_wire", "agent.launch.supervisor", "agent.events", "agent.events.violation",
+    "agent.compile", "agent.compile.env", "agent.enforce.cgroup", "agent.launch.mounts",
+    "agent.launch.notify",
 )
-VERSION = 2
+VERSION = 3
 _ROOT = oslite.dirname(oslite.dirname(oslite.abspath(__file__)))  # the directory holding agent/
 
 

@@ -31,7 +31,8 @@ RUNTIME_APT_PACKAGES=(
     iproute2          # ip(8) for netns/veth debugging and tests
     systemd           # systemd-analyze verify for systemd/skillguard.service
     make
-    gcc               # tests and benches build small C helpers (i386 syscall probe, seccomp loop)
+    gcc               # the skill's init (init/skillguard-init.c); test and bench C helpers
+    libc6-dev         # static libc for the init (no loader, no shared libraries at each launch)
     prometheus        # promtool check metrics/rules, and a real scraper in the e2e tests
     socat             # the socket API is usable from socat; the docs and a test show it
 )
@@ -255,6 +256,25 @@ EOF
     mv -f "$target.tmp" "$target"
 }
 
+# The skill's init: executed by every launch between clone and the skill's
+# exec (agent/launch/supervisor.py). Static: no dynamic loader to run at each
+# launch. Rebuilt when its source (or this script) is newer; written to a
+# temporary name and renamed, so a launch never executes a half-written file.
+INIT_SOURCE="$REPO_ROOT/init/skillguard-init.c"
+INIT_BINARY="$REPO_ROOT/build/skillguard-init"
+build_init() {
+    if [[ -x $INIT_BINARY && $INIT_BINARY -nt $INIT_SOURCE && $INIT_BINARY -nt ${BASH_SOURCE[0]} ]]; then
+        return 0
+    fi
+    if ((check_only)); then would "build $INIT_BINARY from $INIT_SOURCE"; return 0; fi
+    log "building $INIT_BINARY"
+    install -d -m 0755 "$(dirname "$INIT_BINARY")"
+    gcc -std=gnu11 -O2 -Wall -Wextra -Werror -static -o "$INIT_BINARY.tmp" "$INIT_SOURCE" \
+        || die "could not build $INIT_BINARY (gcc and libc6-dev are needed)"
+    chmod 0755 "$INIT_BINARY.tmp"
+    mv -f "$INIT_BINARY.tmp" "$INIT_BINARY"
+}
+
 main() {
     refuse_unsupported_host
 
@@ -265,6 +285,7 @@ main() {
     install_apt_packages "${packages[@]}"
     link_kernel_headers
     mount_tracefs
+    build_init
     ensure_venv
 
     local key

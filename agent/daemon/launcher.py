@@ -30,10 +30,9 @@ if TYPE_CHECKING:
 # imported once by the daemon and by the zygote, so a launch does not pay for
 # it in every fork (about half of a launch's time before they were).
 SUPERVISOR_MODULES = (
-    "agent.launch.supervisor", "agent.launch.child", "agent.launch.mounts", "agent.launch.notify",
+    "agent.launch.supervisor", "agent.launch.init_wire", "agent.launch.mounts", "agent.launch.notify",
     "agent.launch.exec_supervisor", "agent.compile.env", "agent.compile.exec_policy", "agent.enforce.cgroup",
-    "agent.enforce.cgroupfs", "agent.enforce.seccomp_load", "agent.enforce.landlock_sys",
-    "agent.events.violation", "agent.daemon.supervise",
+    "agent.enforce.cgroupfs", "agent.events.violation", "agent.daemon.supervise",
     "agent.launch.plan_cache", "fcntl", "resource", "select",
 )
 # A launch with a network grant also needs these (pyroute2, libnftables: ~20 MB).

@@ -393,7 +393,7 @@ def _prestart(sock):
     if os.environ.get(PRESTART_ENV, "1") == "0":
         return None
     try:
-        return prestart_init(close_in_child=(sock.fileno(),))
+        return prestart_init()
     except Exception:  # noqa: BLE001 - see above
         return None
 

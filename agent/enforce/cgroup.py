@@ -401,26 +401,21 @@ class SkillCgroup:
             except OSError as e:
                 raise CgroupError("cgroup", f"moving pid {pid} into {procs}: {e.strerror}") from e
 
-    def join_v1_self(self) -> None:
-        """Move the calling single-threaded process into the v1 hierarchies.
+    def init_join_files(self, in_v2: bool) -> list[str]:
+        """The files a launched init writes "0" to (the writer itself) to
+        join this cgroup: with `in_v2` (clone3 placed it in the v2
+        directory) the v1 `tasks` files, else every `cgroup.procs`.
 
-        Writes "0" to each v1 `tasks` file: moving only the calling thread
-        skips the global cgroup_threadgroup_rwsem, whose write side waits an
-        RCU grace period unless the hierarchy has favordynmods
-        (kernel/cgroup/cgroup.c cgroup_procs_write_start: the lock is taken
-        only for `pid || threadgroup`). With one thread, that thread is the
-        whole process. Safe in a forked child before exec.
+        "0" in `tasks` moves only the calling thread and skips the global
+        cgroup_threadgroup_rwsem, whose write side waits an RCU grace period
+        unless the hierarchy has favordynmods (kernel/cgroup/cgroup.c
+        cgroup_procs_write_start: the lock is taken only for
+        `pid || threadgroup`). The init has one thread: it is the whole
+        process.
         """
-        for path in self.v1.values():
-            tasks = oslite.join(path, "tasks")
-            try:
-                fd = posix.open(tasks, posix.O_WRONLY)
-                try:
-                    posix.write(fd, b"0")
-                finally:
-                    posix.close(fd)
-            except OSError as e:
-                raise CgroupError("cgroup", f"moving the launcher into {tasks}: {e.strerror}") from e
+        if in_v2:
+            return [oslite.join(path, "tasks") for path in self.v1.values()]
+        return list(self._procs_files)
 
     def open_v2(self) -> int | None:
         """An fd of the v2 directory for clone3(CLONE_INTO_CGROUP), or None without v2."""

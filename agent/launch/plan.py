@@ -3,7 +3,7 @@
 `build()` runs the compilers (seccomp, Landlock, exec policy, env, limits)
 and allocates the skill's identity; the result is a dict of plain values
 (str, int, bytes, lists, dicts) that the supervisor and the child execute
-with nothing but system calls (agent/launch/supervisor.py, child.py), so a
+with nothing but system calls (agent/launch/supervisor.py, init/skillguard-init.c), so a
 plan can be stored with `marshal` and reused by the next launch of the same
 manifest (agent/launch/plan_cache.py) without importing the compilers.
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 
-from agent.launch.child import PINNED_EXEC_FD  # the pinned entrypoint's Landlock rule path
+from agent.launch.init_wire import PINNED_EXEC_FD  # the pinned entrypoint's Landlock rule path
 from agent.launch.plan_cache import stat_key
 
 PLAN_VERSION = 1

@@ -8,20 +8,24 @@ skill's whole cgroup, turns every refusal it can see into a `Violation`, and
 returns the skill's exit status (128+N for a signal).
 
 The launch path imports only what it runs (bench/launch measures it): no
-dataclasses, typing, socket, signal or json modules here or in child.py,
+dataclasses, typing, socket, signal or json modules here or in
 mounts.py, notify.py and the enforcers they call. The compilers are imported
 by plan.build() only when no stored plan fits.
 
 One launch per supervisor process: its child is PID 1 of a new PID namespace
 (clone3 with CLONE_NEWPID, and CLONE_INTO_CGROUP to start it in the skill's
-v2 cgroup). A daemon launches by forking a supervisor per skill; a spare
-supervisor (agent/daemon/zygote.py) starts its init before its launch
-(`prestart_init`: a neutral cgroup, the init's first phase), and the launch
-then writes the limits and sends the init the rest of its plan.
+v2 cgroup) and executes the skill's init, init/skillguard-init.c, at once:
+the steps between fork and exec are system calls on the plan's values, in
+C, so that no copy of this interpreter does them. The init runs its first
+phase (cgroups, namespaces) while the supervisor prepares the rest, then
+gets its plan in one message (agent/launch/init_wire.py). A daemon launches
+by forking a supervisor per skill; a spare supervisor
+(agent/daemon/zygote.py) starts its init before its launch (`prestart_init`:
+a neutral cgroup, the init's first phase), and the launch then writes the
+limits and sends the init its plan.
 """
 import _signal
 import _socket
-import marshal
 import posix
 import select
 import _struct as struct  # the C module `struct` re-exports: one import less
@@ -29,10 +33,11 @@ import time
 
 from agent import oslite
 from agent.enforce.libc import CLONE_NEWPID
+from agent.launch.init_wire import encode, sorted_binds
 
 SETUP_FAILED = 125
 FORWARDED = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP)
-# What the skill's init forwards (child.py FORWARDED_SIGNALS).
+# What the skill's init forwards (skillguard-init.c `forwarded`).
 INIT_FORWARDS = (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP, _signal.SIGQUIT,
                  _signal.SIGUSR1, _signal.SIGUSR2)
 SIGKILL, SIGSYS = 9, 31
@@ -115,7 +120,7 @@ def _recv_fd(sock) -> tuple[bytes, int | None]:
 
 class PrestartedInit:
     """An init cloned before its launch was known (`prestart_init`): in its
-    neutral cgroup, its first phase done (child.py), waiting on `sock` for
+    neutral cgroup, its first phase done (skillguard-init.c), waiting on `sock` for
     its plan."""
 
     __slots__ = ("pid", "sock", "err_r", "cgroup", "in_v2")
@@ -140,9 +145,9 @@ class PrestartedInit:
         self.cgroup.remove()
 
 
-def prestart_init(close_in_child=()) -> PrestartedInit:
+def prestart_init() -> PrestartedInit:
     """Clone an init into a new cgroup `<root>/@spare/run-<our pid>` (no limits
-    yet) and let it run its first phase (child.py): what a launch needs done
+    yet) and let it run its first phase (skillguard-init.c): what a launch needs done
     whatever its skill. Stale `@spare` cgroups of dead spares are removed
     first. Raises CgroupError / OSError / LaunchError when it cannot."""
     from agent.enforce.cgroup import (NEUTRAL_GROUP, CgroupExists, SkillCgroup,
@@ -159,15 +164,37 @@ def prestart_init(close_in_child=()) -> PrestartedInit:
         cgroup = SkillCgroup.create_neutral(instance, mounts)
     plan = {"cgroup": cgroup, "in_v2": False}
     try:
-        pid, sock, err_r = _start_child(cgroup, plan, True, close_in_child)
+        pid, sock, err_r = _start_child(cgroup, plan)
     except BaseException:
         cgroup.remove()
         raise
     return PrestartedInit(pid, sock, err_r, cgroup, plan["in_v2"])
 
 
-def _start_child(cgroup, plan: dict, prestarted: bool, close_in_child=()) -> tuple:
-    """Clone the init and run child.py in it: (pid, our socket, error pipe)."""
+# Built by scripts/setup.sh (make setup) from init/skillguard-init.c.
+INIT = oslite.join(oslite.dirname(oslite.dirname(oslite.dirname(oslite.abspath(__file__)))),
+                   "build", "skillguard-init")
+
+
+def _check_init() -> None:
+    """The init is executed as root: it must be root's and writable by nobody
+    else, like the agent's own code (its directory too)."""
+    for path, kind in ((oslite.dirname(INIT), "directory"), (INIT, "file")):
+        try:
+            st = posix.stat(path)
+        except OSError as exc:
+            raise LaunchError("launch", f"{INIT}: {exc.strerror}; build it with "
+                                        "`sudo make setup`") from None
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            raise LaunchError("launch", f"{path}: not a {kind} of root's that only root may "
+                                        f"write (uid {st.st_uid}, mode {st.st_mode & 0o7777:o}); "
+                                        "refusing to execute the init from it")
+
+
+def _start_child(cgroup, plan: dict) -> tuple:
+    """Clone the init and execute skillguard-init in it: (pid, our socket,
+    error pipe)."""
+    _check_init()
     parent_sock, child_sock = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
     err_r, err_w = posix.pipe2(posix.O_CLOEXEC)
     try:
@@ -179,18 +206,25 @@ def _start_child(cgroup, plan: dict, prestarted: bool, close_in_child=()) -> tup
             posix.close(fd)
         raise
     if pid == 0:
-        parent_sock.close()
-        posix.close(err_r)
-        for fd in close_in_child:
-            posix.close(fd)
-        # Imported here: the child's modules load while the supervisor
-        # makes the binds, not before the fork.
-        from agent.launch import child
-
-        child.run(plan, err_w, child_sock, prestarted)  # never returns
+        _exec_init(cgroup, plan["in_v2"], child_sock.fileno(), err_w)  # never returns
     child_sock.close()
     posix.close(err_w)
     return pid, parent_sock, err_r
+
+
+def _exec_init(cgroup, in_v2: bool, sock_fd: int, err_w: int) -> None:
+    """In the cloned child: execute the init at once (the signals it forwards
+    are still blocked; execve keeps the mask). Never returns."""
+    try:
+        posix.set_inheritable(sock_fd, True)
+        posix.set_inheritable(err_w, True)
+        posix.execve(INIT, [INIT, str(sock_fd), str(err_w), *cgroup.init_join_files(in_v2)], {})
+    except BaseException as exc:  # noqa: BLE001 - nothing may escape a forked child
+        try:
+            posix.write(err_w, b"launch\0" + f"executing {INIT}: {exc}".encode())
+        except BaseException:  # noqa: BLE001
+            pass
+    posix._exit(SETUP_FAILED)
 
 
 def _clone_init(cgroup, plan: dict) -> int:
@@ -201,7 +235,7 @@ def _clone_init(cgroup, plan: dict) -> int:
 
     parent = posix.getpid()
     # The child starts with the signals its init forwards blocked, so
-    # none sent before its handlers exist is lost (child.py).
+    # none sent before its handlers exist is lost (skillguard-init.c).
     mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, INIT_FORWARDS)
     try:
         return _clone(cgroup, plan, fork_into, unshare)
@@ -271,7 +305,7 @@ class Supervisor:
         """What the child must be cloned with: the plan (built now unless
         given) and the skill's cgroup (clone3 starts the child in it).
         Everything else is done while the child starts (`_complete`).
-        Returns the child's plan (child.py)."""
+        Returns the init's part of the plan (init_wire.encode)."""
         if self.plan is None:
             self.plan = make_plan(self.policy, self.options)
         plan = self.plan
@@ -314,10 +348,11 @@ class Supervisor:
         }
 
     def _complete(self) -> tuple:
-        """The rest of the launch, made while the child starts: notes, the
+        """The rest of the launch, made while the init starts: notes, the
         environment, the pinned entrypoint's fd, the binds (and the
         idmapping user namespaces they need, which take a helper process).
-        Returns (message fields, fds to pass)."""
+        Returns (binds with fd indexes, environment, entrypoint fd index,
+        fds to pass)."""
         plan = self.plan
         for text in plan["notes"]:
             self.note(text)
@@ -334,8 +369,8 @@ class Supervisor:
             self.note(f"cgroup: removed {path}, left by a supervisor that was killed")
         binds = self._binds(plan)
         fds = sorted({fd for *_rest, fd in binds if fd is not None})
-        spec = [(path, writable, origin, None if fd is None else fds.index(fd))
-                for path, writable, origin, fd in binds]
+        spec = sorted_binds([(path, writable, origin, None if fd is None else fds.index(fd))
+                             for path, writable, origin, fd in binds])
         exec_index = None
         if plan["entrypoint_sha256"]:
             # Hash the open file and execute that fd (execveat AT_EMPTY_PATH):
@@ -348,7 +383,7 @@ class Supervisor:
                 raise LaunchError("pin", f"entrypoint_sha256: {exc}") from None
             exec_index = len(fds)
             fds.append(self.exec_fd)
-        return {"binds": spec, "env": env.as_dict(), "exec_fd": exec_index}, fds
+        return spec, env.as_dict(), exec_index, fds
 
     def _binds(self, plan: dict) -> list:
         from agent.launch.mounts import MountError, idmap_userns
@@ -375,32 +410,31 @@ class Supervisor:
         self.userns_made = list(made.values())
         return binds
 
-    def _send_plan(self, plan: dict) -> None:
-        """A pre-started init's plan (child.py `_receive_plan`), with our
-        0..2 (the skill's stdio: supervise.py put them there)."""
-        init = self.prestarted
-        values = {key: value for key, value in plan.items() if key != "cgroup"}
-        values["in_v2"] = init.in_v2
-        rights = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack("3i", 0, 1, 2))]
+    def _send_plan(self, plan: dict, pid: int, sock) -> None:
+        """The init's plan (init_wire.encode; skillguard-init.c
+        `receive_plan`) in one message, with its fds: a pre-started init's
+        first, our 0..2 (the skill's stdio: supervise.py put them there)."""
         try:
-            init.sock.sendmsg([b"plan" + marshal.dumps(values)], rights)
-        except OSError:
-            pass  # the init is gone; _supervise reads why from its error pipe
-
-    def _send_launch(self, pid: int, sock) -> None:
-        """The child's launch message (child.py `_receive_launch`): binds,
-        environment, pinned entrypoint; the fds passed with SCM_RIGHTS."""
-        try:
-            fields, fds = self._complete()
+            binds, env, exec_index, fds = self._complete()
+            if plan["mounts"]["resolv_conf"]:
+                plan["mounts"]["resolv_target"] = _resolv_conf_target()
         except BaseException:
             _kill_and_reap(pid)
             raise
+        stdio = self.prestarted is not None
+        if stdio:
+            shift = 3
+            fds = [0, 1, 2] + fds
+            binds = [(path, writable, origin, None if index is None else index + shift)
+                     for path, writable, origin, index in binds]
+            exec_index = None if exec_index is None else exec_index + shift
+        message = encode(plan, binds, env, exec_index, stdio)
         ancillary = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))] \
             if fds else []
         try:
-            sock.sendmsg([b"launch" + marshal.dumps(fields)], ancillary)
+            sock.sendmsg([message], ancillary)
         except OSError:
-            pass  # the child is gone; _supervise reads why from its error pipe
+            pass  # the init is gone; _supervise reads why from its error pipe
 
     # -- fork and supervise --
 
@@ -429,12 +463,11 @@ class Supervisor:
         if self.prestarted is not None:
             init = self.prestarted
             pid, parent_sock, err_r = init.pid, init.sock, init.err_r
-            self._send_plan(plan)
         else:
-            pid, parent_sock, err_r = _start_child(self.cgroup, plan, False)
+            pid, parent_sock, err_r = _start_child(self.cgroup, plan)
         self.pid = pid
         try:
-            self._send_launch(pid, parent_sock)
+            self._send_plan(plan, pid, parent_sock)
             if self.network is not None:
                 self._attach_network(pid, parent_sock)
         except BaseException:
@@ -618,7 +651,7 @@ class Supervisor:
 
     def _on_exec(self, listener: int, request) -> None:
         if getattr(self, "_exec", None) is None and _parent_pid(request.pid) == self.pid:
-            # The init's child exec'ing the entrypoint (child.py `_exec`, by
+            # The init's child exec'ing the entrypoint (skillguard-init.c `exec_skill`, by
             # path or execveat(fd, "", AT_EMPTY_PATH)): the launcher's exec,
             # not the skill's. Answered here, without loading the exec policy.
             from agent.launch import notify
@@ -681,11 +714,25 @@ class _CgroupMounts:
 
 
 def _failure(data: bytes) -> tuple[str, str]:
-    try:
-        layer, reason = marshal.loads(data)
-        return str(layer), str(reason)
-    except (ValueError, TypeError, EOFError):
+    """The init's report on its error pipe: b"layer\\0reason"."""
+    layer, nul, reason = data.partition(b"\0")
+    if not nul or not layer:
         return "launch", repr(data[:200])
+    return layer.decode(errors="replace"), reason.decode(errors="replace")
+
+
+def _resolv_conf_target() -> str:
+    """The file /etc/resolv.conf names (often a symlink into /run): the init
+    mounts the skill's resolv.conf over it, and move_mount(2) does not follow
+    a symlink in the target's last component."""
+    from os.path import realpath  # network launches only
+
+    target = realpath("/etc/resolv.conf")
+    if not oslite.isfile(target):
+        raise LaunchError("mount", f"mount namespace: resolv.conf: /etc/resolv.conf resolves to "
+                                   f"{target}, which is not a file; the skill's resolver cannot "
+                                   "be put in place")
+    return target
 
 
 def _kill_and_reap(pid: int) -> None:

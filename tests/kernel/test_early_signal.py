@@ -7,7 +7,7 @@ until the skill exists, then passes it on. A SIGTERM before the skill's
 exec ends the launch with 143, and the skill's program never runs.
 
 The driver sends SIGTERM to the init right after the clone (the init has not
-installed its handlers yet) or once it has received its launch message
+installed its handlers yet) or once it has been sent its plan
 (handlers in place, no skill yet); the control sends nothing.
 """
 import json
@@ -33,10 +33,10 @@ result = load_manifest(manifest)
 assert result.ok, result.errors
 
 class EarlySignal(Supervisor):
-    def _send_launch(self, pid, sock):
+    def _send_plan(self, plan, pid, sock):
         if when == "at-clone":
             os.kill(pid, signal.SIGTERM)
-        super()._send_launch(pid, sock)
+        super()._send_plan(plan, pid, sock)
         if when == "during-set-up":
             os.kill(pid, signal.SIGTERM)
 
