@@ -613,13 +613,15 @@ static void seccomp_filter(struct plan *plan)
 static void exec_skill(struct plan *plan)
 {
     close(sock_fd);
-    sigset_t set;
-    forwarded_set(&set);
-    for (size_t i = 0; i < NFORWARDED; i++)
-        signal(forwarded[i], SIG_DFL);
+    /* Every disposition back to its default: ours, and what the supervisor
+     * ignored (Python ignores SIGPIPE), since execve keeps SIG_IGN. */
+    for (int signum = 1; signum < NSIG; signum++)
+        signal(signum, SIG_DFL);
     /* A signal the init forwarded before we got here acts now, with its
      * default action, and the skill never starts. */
-    sigprocmask(SIG_UNBLOCK, &set, NULL);
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
     if (plan->exec_fd >= 0)
         /* The inode behind the fd, whatever its path names now (execveat(2)). */
         syscall(SYS_execveat, plan->exec_fd, "", plan->argv, plan->env, AT_EMPTY_PATH);
