@@ -348,25 +348,16 @@ class Supervisor:
         }
 
     def _complete(self) -> tuple:
-        """The rest of the launch, made while the init starts: notes, the
+        """What the init's plan still needs, made while the init starts: the
         environment, the pinned entrypoint's fd, the binds (and the
         idmapping user namespaces they need, which take a helper process).
         Returns (binds with fd indexes, environment, entrypoint fd index,
-        fds to pass)."""
+        fds to pass, names of the variables refused)."""
         plan = self.plan
-        for text in plan["notes"]:
-            self.note(text)
         from agent.compile.env import filter_env
 
         caller_env = oslite.environ() if self.options.caller_env is None else self.options.caller_env
         env = filter_env(plan["env_fixed"], frozenset(plan["env_pass"]), caller_env)
-        for name in env.refused:
-            self.emit(pid=None, layer="env", operation=f"env {name}", decision="denied",
-                      rule="protected variable: changes how code is loaded; never passed")
-        from agent.enforce.cgroup import remove_stale_instances
-
-        for path in remove_stale_instances(plan["cgroup"]["skill"], "run-", self.cgroup_mounts):
-            self.note(f"cgroup: removed {path}, left by a supervisor that was killed")
         binds = self._binds(plan)
         fds = sorted({fd for *_rest, fd in binds if fd is not None})
         spec = sorted_binds([(path, writable, origin, None if fd is None else fds.index(fd))
@@ -383,7 +374,22 @@ class Supervisor:
                 raise LaunchError("pin", f"entrypoint_sha256: {exc}") from None
             exec_index = len(fds)
             fds.append(self.exec_fd)
-        return spec, env.as_dict(), exec_index, fds
+        return spec, env.as_dict(), exec_index, fds, env.refused
+
+    def _report_launch(self, refused) -> None:
+        """Notes and events of the launch, and the housekeeping no step of
+        it waits for: done once the init has its plan, while it confines
+        itself (or when the launch fails before)."""
+        plan = self.plan
+        for text in plan["notes"]:
+            self.note(text)
+        for name in refused:
+            self.emit(pid=None, layer="env", operation=f"env {name}", decision="denied",
+                      rule="protected variable: changes how code is loaded; never passed")
+        from agent.enforce.cgroup import remove_stale_instances
+
+        for path in remove_stale_instances(plan["cgroup"]["skill"], "run-", self.cgroup_mounts):
+            self.note(f"cgroup: removed {path}, left by a supervisor that was killed")
 
     def _binds(self, plan: dict) -> list:
         from agent.launch.mounts import MountError, idmap_userns
@@ -415,11 +421,13 @@ class Supervisor:
         `receive_plan`) in one message, with its fds: a pre-started init's
         first, our 0..2 (the skill's stdio: supervise.py put them there)."""
         try:
-            binds, env, exec_index, fds = self._complete()
+            binds, env, exec_index, fds, refused = self._complete()
             if plan["mounts"]["resolv_conf"]:
                 plan["mounts"]["resolv_target"] = _resolv_conf_target()
         except BaseException:
             _kill_and_reap(pid)
+            for text in self.plan["notes"]:
+                self.note(text)
             raise
         stdio = self.prestarted is not None
         if stdio:
@@ -435,6 +443,7 @@ class Supervisor:
             sock.sendmsg([message], ancillary)
         except OSError:
             pass  # the init is gone; _supervise reads why from its error pipe
+        self._report_launch(refused)
 
     # -- fork and supervise --
 
