@@ -1,20 +1,28 @@
 /*
  * skillguard-init: the skill's PID 1, from the clone to the skill's execve.
  *
- * The supervisor (agent/launch/supervisor.py) clones a child with
- * CLONE_NEWPID (and CLONE_INTO_CGROUP) that executes this program at once:
+ * The supervisor (agent/launch/supervisor.py) starts this program with
+ * posix_spawn(3), the signals the init forwards blocked:
  *
- *     skillguard-init SOCK_FD ERR_FD [CGROUP_FILE ...]
+ *     skillguard-init SOCK_FD ERR_FD CGROUP_FD [idmap=OWNER_UID:OWNER_GID:UID:GID ...]
+ *                     [tasks=V1_TASKS_FILE ...] [procs=V2_PROCS_FILE]
  *
  * SOCK_FD is our end of a SOCK_SEQPACKET pair with the supervisor, ERR_FD the
  * write end of a pipe on which the first failure is reported as
  * "layer\0reason" before we exit 125, so the skill never starts
- * half-confined. Every CGROUP_FILE gets "0" written to it (the v1 `tasks`
- * files, or every `cgroup.procs` where clone3 could not place us).
+ * half-confined. CGROUP_FD is the skill's v2 directory (-1: none).
  *
- * First phase (nothing of it depends on the skill; a spare of the daemon's
- * launch zygote runs it before its launch exists): signal forwarders,
- * cgroups, unshare(NEWNS|NEWIPC|NEWUTS|NEWNET|NEWCGROUP), setsid. Then one
+ * Launcher: make the idmapping user namespaces the binds need (each
+ * idmap=), then clone3(CLONE_NEWPID | CLONE_INTO_CGROUP | CLONE_PARENT)
+ * the init, a child of the supervisor, tell the supervisor its pid
+ * ("pid" + int32 on SOCK_FD) and exit. Done here, in a small static
+ * process, so that the supervisor neither copies its interpreter nor
+ * loads a foreign-function library to make namespaces.
+ *
+ * First phase of the init (nothing of it depends on the skill; a spare of
+ * the daemon's launch zygote runs it before its launch exists): signal
+ * forwarders, "0" into every tasks= file (and procs= when clone3 could not
+ * place us), unshare(NEWNS|NEWIPC|NEWUTS|NEWNET|NEWCGROUP), setsid. Then one
  * message from the supervisor carries the plan (agent/launch/init_wire.py
  * writes it; the layout is read in read_plan() below, in the same order)
  * with its fds, and the second phase runs in the order of the launch path:
@@ -79,6 +87,16 @@
 #ifndef SYS_close_range
 #define SYS_close_range 436
 #endif
+#ifndef SYS_clone3
+#define SYS_clone3 435
+#endif
+#define CLONE_INTO_CGROUP_FLAG 0x200000000ULL
+/* struct clone_args (include/uapi/linux/sched.h), CLONE_ARGS_SIZE_VER2 */
+struct clone_args_v2 {
+    uint64_t flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls,
+        set_tid, set_tid_size, cgroup;
+};
+#define MAX_IDMAPS 16
 #define LANDLOCK_VERSION_FLAG 1
 #define LANDLOCK_RULE_PATH_BENEATH 1
 #define LANDLOCK_RULE_NET_PORT 2
@@ -92,7 +110,11 @@ struct ruleset_attr { uint64_t fs, net, scoped; };
 struct path_beneath_attr { uint64_t allowed; int32_t parent_fd; } __attribute__((packed));
 struct net_port_attr { uint64_t allowed, port; };
 
-static int sock_fd = -1, err_fd = -1;
+static int sock_fd = -1, err_fd = -1, cgroup_fd = -1;
+/* The idmapping user namespaces the launcher made; the plan names them
+ * with fd index -2 - N. */
+static int idmap_fds[MAX_IDMAPS];
+static int nidmaps;
 
 /* ------------------------------------------------------------ failures */
 
@@ -158,12 +180,18 @@ static uint64_t get_u64(struct reader *r)
     return v;
 }
 
-static int64_t get_index(struct reader *r, int nfds)
+/* An fd the plan names: index >= 0, one passed with it; -1 none; -2 - N,
+ * the Nth user namespace the launcher made. */
+static int get_fd(struct reader *r, const int *fds, int nfds)
 {
     int64_t v = (int64_t)get_u64(r);
-    if (v < -1 || v >= nfds)
-        fail("launch", "the plan names fd %lld of %d passed", (long long)v, nfds);
-    return v;
+    if (v >= 0 && v < nfds)
+        return fds[v];
+    if (v == -1)
+        return -1;
+    if (v <= -2 && -2 - v < nidmaps)
+        return idmap_fds[-2 - v];
+    fail("launch", "the plan names fd %lld of %d passed and %d made", (long long)v, nfds, nidmaps);
 }
 
 static const uint8_t *get_bytes(struct reader *r, uint64_t *size)
@@ -255,8 +283,7 @@ static void read_plan(struct reader *r, struct plan *plan, const int *fds, int n
         b->path = get_str(r);
         b->writable = get_u64(r) != 0;
         b->origin = get_str(r);
-        int64_t index = get_index(r, nfds);
-        b->userns_fd = index < 0 ? -1 : fds[index];
+        b->userns_fd = get_fd(r, fds, nfds);
     }
 
     plan->nrlimits = get_u64(r);
@@ -284,8 +311,7 @@ static void read_plan(struct reader *r, struct plan *plan, const int *fds, int n
             plan->ports[i] = get_u64(r);
     }
     plan->bpf = get_bytes(r, &plan->bpf_size);
-    int64_t exec_index = get_index(r, nfds);
-    plan->exec_fd = exec_index < 0 ? -1 : fds[exec_index];
+    plan->exec_fd = get_fd(r, fds, nfds);
     if (r->p != r->end)
         fail("launch", "the plan message has %zd bytes past its end", (ssize_t)(r->end - r->p));
 }
@@ -613,10 +639,15 @@ static void seccomp_filter(struct plan *plan)
 static void exec_skill(struct plan *plan)
 {
     close(sock_fd);
-    /* Every disposition back to its default: ours, and what the supervisor
-     * ignored (Python ignores SIGPIPE), since execve keeps SIG_IGN. */
-    for (int signum = 1; signum < NSIG; signum++)
-        signal(signum, SIG_DFL);
+    /* Every disposition back to its default, since execve keeps SIG_IGN:
+     * ours, what the supervisor ignored (Python ignores SIGPIPE), and
+     * glibc's two internal signals, which posix_spawn(3) ignores in the
+     * child (sysdeps/unix/sysv/linux/spawni.c) and glibc's sigaction refuses
+     * to touch: hence the raw rt_sigaction(2). */
+    struct { void *handler; unsigned long flags; void *restorer; uint64_t mask; } dfl = {SIG_DFL, 0, NULL, 0};
+    for (int signum = 1; signum <= 64; signum++)
+        if (signum != SIGKILL && signum != SIGSTOP)
+            syscall(SYS_rt_sigaction, signum, &dfl, NULL, sizeof dfl.mask);
     /* A signal the init forwarded before we got here acts now, with its
      * default action, and the skill never starts. */
     sigset_t none;
@@ -665,15 +696,26 @@ static int init_loop(pid_t main_pid)
     return WIFEXITED(status) ? WEXITSTATUS(status) : SETUP_FAILED;
 }
 
+static int compare_ints(const void *a, const void *b)
+{
+    return *(const int *)a - *(const int *)b;
+}
+
+/* Only what the supervisor meant to pass: 0..2, the socket, the pipe, the
+ * cgroup directory. */
 static void close_other_fds(void)
 {
-    /* Only what the supervisor meant to pass: 0..2, the socket, the pipe. */
-    int low = sock_fd < err_fd ? sock_fd : err_fd, high = sock_fd ^ err_fd ^ low;
-    unsigned ranges[3][2] = {{3, (unsigned)low - 1}, {(unsigned)low + 1, (unsigned)high - 1},
-                             {(unsigned)high + 1, ~0U}};
-    for (int i = 0; i < 3; i++)
-        if (ranges[i][0] <= ranges[i][1])
-            syscall(SYS_close_range, ranges[i][0], ranges[i][1], 0);
+    int keep[3] = {sock_fd, err_fd, cgroup_fd};
+    qsort(keep, 3, sizeof keep[0], compare_ints);
+    unsigned next = 3;
+    for (int i = 0; i < 3; i++) {
+        if (keep[i] < (int)next)
+            continue;
+        if ((unsigned)keep[i] > next)
+            syscall(SYS_close_range, next, (unsigned)keep[i] - 1, 0);
+        next = (unsigned)keep[i] + 1;
+    }
+    syscall(SYS_close_range, next, ~0U, 0);
 }
 
 static int parse_fd(const char *text)
@@ -683,13 +725,89 @@ static int parse_fd(const char *text)
     return (*text && !*end && fd > 2 && fd < 65536) ? (int)fd : -1;
 }
 
+static void write_file(const char *path, const char *data, const char *layer, const char *what)
+{
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    size_t size = strlen(data);
+    if (fd < 0 || write(fd, data, size) != (ssize_t)size)
+        fail(layer, "%s %s: %s", what, path, strerror(errno));
+    close(fd);
+}
+
+/* A user namespace mapping OWNER_UID/GID (on disk) to the skill's UID/GID,
+ * kept by an fd: a child is cloned into a new one and exits at once; its
+ * maps are written while it is a zombie, which keeps its credentials (and
+ * so the namespace) until it is reaped (kernel/user_namespace.c; release_task()). */
+static int make_idmap(const char *spec)
+{
+    unsigned long owner_uid, owner_gid, uid, gid;
+    char tail;
+    if (sscanf(spec, "%lu:%lu:%lu:%lu%c", &owner_uid, &owner_gid, &uid, &gid, &tail) != 4)
+        fail("launch", "bad idmap argument %s", spec);
+    pid_t pid = (pid_t)syscall(SYS_clone, CLONE_NEWUSER | SIGCHLD, NULL, NULL, NULL, NULL);
+    if (pid < 0)
+        fail("mount", "mount namespace: idmap: cannot create a user namespace: %s", strerror(errno));
+    if (pid == 0)
+        syscall(SYS_exit, 0);
+    char path[64], line[64];
+    int fd;
+    snprintf(path, sizeof path, "/proc/%d/uid_map", pid);
+    snprintf(line, sizeof line, "%lu %lu 1\n", owner_uid, uid);
+    write_file(path, line, "mount", "mount namespace: idmap: writing");
+    snprintf(path, sizeof path, "/proc/%d/gid_map", pid);
+    snprintf(line, sizeof line, "%lu %lu 1\n", owner_gid, gid);
+    write_file(path, line, "mount", "mount namespace: idmap: writing");
+    snprintf(path, sizeof path, "/proc/%d/ns/user", pid);
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        fail("mount", "mount namespace: idmap: %s: %s", path, strerror(errno));
+    waitpid(pid, NULL, 0);
+    return fd;
+}
+
+/* The init: a child of the supervisor (CLONE_PARENT) in a new PID namespace,
+ * started in the skill's v2 cgroup where clone3 can (CLONE_INTO_CGROUP: no
+ * move by pid, so no wait on cgroup_threadgroup_rwsem). Returns 0 in the
+ * init; in the launcher, after telling the supervisor the init's pid, exits. */
+static int clone_init(void)
+{
+    struct clone_args_v2 args = {.flags = CLONE_NEWPID | CLONE_PARENT};
+    if (cgroup_fd >= 0) {
+        args.flags |= CLONE_INTO_CGROUP_FLAG;
+        args.cgroup = (uint64_t)cgroup_fd;
+    }
+    /* exit_signal stays 0: with CLONE_PARENT the init's is the launcher's
+     * own (SIGCHLD from posix_spawn), and clone3 refuses another. */
+    long pid = syscall(SYS_clone3, &args, sizeof args);
+    int in_cgroup = cgroup_fd >= 0;
+    if (pid < 0 && errno == ENOSYS) {  /* before Linux 5.7 */
+        pid = syscall(SYS_clone, CLONE_NEWPID | CLONE_PARENT, NULL, NULL, NULL, NULL);
+        in_cgroup = 0;
+    }
+    if (pid < 0)
+        fail("namespaces", "clone3(CLONE_NEWPID%s): %s", cgroup_fd >= 0 ? "|CLONE_INTO_CGROUP" : "",
+             strerror(errno));
+    if (pid == 0)
+        return in_cgroup;
+    char message[7] = "pid";
+    int32_t value = (int32_t)pid;
+    memcpy(message + 3, &value, 4);
+    if (send(sock_fd, message, sizeof message, MSG_NOSIGNAL) != sizeof message) {
+        kill((pid_t)pid, SIGKILL);
+        fail("launch", "telling the supervisor the init's pid: %s", strerror(errno));
+    }
+    _exit(0);
+}
+
 int main(int argc, char **argv)
 {
-    if (argc < 3 || (sock_fd = parse_fd(argv[1])) < 0 || (err_fd = parse_fd(argv[2])) < 0
-        || sock_fd == err_fd) {
+    if (argc < 4 || (sock_fd = parse_fd(argv[1])) < 0 || (err_fd = parse_fd(argv[2])) < 0
+        || sock_fd == err_fd
+        || ((cgroup_fd = parse_fd(argv[3])) < 0 && strcmp(argv[3], "-1") != 0)
+        || cgroup_fd == sock_fd || cgroup_fd == err_fd) {
         static const char usage[] =
-            "skillguard-init: started by the skillguard supervisor only "
-            "(SOCK_FD ERR_FD [CGROUP_FILE ...])\n";
+            "skillguard-init: started by the skillguard supervisor only (SOCK_FD ERR_FD CGROUP_FD "
+            "[idmap=OWNER_UID:OWNER_GID:UID:GID ...] [tasks=FILE ...] [procs=FILE])\n";
         if (write(2, usage, sizeof usage - 1) < 0) {
             /* nowhere to say it */
         }
@@ -698,9 +816,19 @@ int main(int argc, char **argv)
     fcntl(sock_fd, F_SETFD, FD_CLOEXEC);
     fcntl(err_fd, F_SETFD, FD_CLOEXEC);
     close_other_fds();
+    for (int i = 4; i < argc; i++)
+        if (strncmp(argv[i], "idmap=", 6) == 0) {
+            if (nidmaps == MAX_IDMAPS)
+                fail("launch", "more than %d idmapped owners", MAX_IDMAPS);
+            idmap_fds[nidmaps++] = make_idmap(argv[i] + 6);
+        }
+
+    int in_cgroup = clone_init();
+    if (cgroup_fd >= 0)
+        close(cgroup_fd);
     prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
 
-    /* The supervisor cloned us with the forwarded signals blocked: as PID 1
+    /* posix_spawn started us with the forwarded signals blocked: as PID 1
      * with no handler we would discard them (pid_namespaces(7)); blocked,
      * they wait (kernel/signal.c sig_ignored). Held until the skill exists. */
     struct sigaction action = {.sa_handler = forward, .sa_flags = SA_RESTART};
@@ -711,12 +839,12 @@ int main(int argc, char **argv)
         sigaction(forwarded[i], &action, NULL);
     sigprocmask(SIG_UNBLOCK, &set, NULL);
 
-    for (int i = 3; i < argc; i++) {
-        int fd = open(argv[i], O_WRONLY | O_CLOEXEC);
-        if (fd < 0 || write(fd, "0", 1) != 1)
-            fail("cgroup", "moving the launcher into %s: %s", argv[i], strerror(errno));
-        close(fd);
-    }
+    /* "0": the writer itself. Into v1 `tasks`, only the calling thread
+     * moves, without cgroup_threadgroup_rwsem's write side (kernel/cgroup/
+     * cgroup.c cgroup_procs_write_start); we have one thread. */
+    for (int i = 4; i < argc; i++)
+        if (strncmp(argv[i], "tasks=", 6) == 0 || (!in_cgroup && strncmp(argv[i], "procs=", 6) == 0))
+            write_file(argv[i] + 6, "0", "cgroup", "moving the launcher into");
     /* The cgroup namespace's root is the cgroup joined above: the skill sees "/". */
     if (unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET | CLONE_NEWCGROUP) < 0)
         fail("namespaces", "unshare: %s", strerror(errno));

@@ -401,21 +401,13 @@ class SkillCgroup:
             except OSError as e:
                 raise CgroupError("cgroup", f"moving pid {pid} into {procs}: {e.strerror}") from e
 
-    def init_join_files(self, in_v2: bool) -> list[str]:
-        """The files a launched init writes "0" to (the writer itself) to
-        join this cgroup: with `in_v2` (clone3 placed it in the v2
-        directory) the v1 `tasks` files, else every `cgroup.procs`.
-
-        "0" in `tasks` moves only the calling thread and skips the global
-        cgroup_threadgroup_rwsem, whose write side waits an RCU grace period
-        unless the hierarchy has favordynmods (kernel/cgroup/cgroup.c
-        cgroup_procs_write_start: the lock is taken only for
-        `pid || threadgroup`). The init has one thread: it is the whole
-        process.
-        """
-        if in_v2:
-            return [oslite.join(path, "tasks") for path in self.v1.values()]
-        return list(self._procs_files)
+    def init_join_files(self) -> tuple[list[str], str | None]:
+        """What a launched init writes "0" (the writer itself) to, to join
+        this cgroup (init/skillguard-init.c): the v1 `tasks` files, and the
+        v2 `cgroup.procs` for when clone3 could not start it in the v2
+        directory (kernels before 5.7)."""
+        procs = oslite.join(self.v2, "cgroup.procs") if self.v2 is not None else None
+        return [oslite.join(path, "tasks") for path in self.v1.values()], procs
 
     def open_v2(self) -> int | None:
         """An fd of the v2 directory for clone3(CLONE_INTO_CGROUP), or None without v2."""

@@ -32,7 +32,6 @@ import _struct as struct  # the C module `struct` re-exports: one import less
 import time
 
 from agent import oslite
-from agent.enforce.libc import CLONE_NEWPID
 from agent.launch.init_wire import encode, sorted_binds
 
 SETUP_FAILED = 125
@@ -123,10 +122,10 @@ class PrestartedInit:
     neutral cgroup, its first phase done (skillguard-init.c), waiting on `sock` for
     its plan."""
 
-    __slots__ = ("pid", "sock", "err_r", "cgroup", "in_v2")
+    __slots__ = ("pid", "sock", "err_r", "cgroup")
 
-    def __init__(self, pid, sock, err_r, cgroup, in_v2):
-        self.pid, self.sock, self.err_r, self.cgroup, self.in_v2 = pid, sock, err_r, cgroup, in_v2
+    def __init__(self, pid, sock, err_r, cgroup):
+        self.pid, self.sock, self.err_r, self.cgroup = pid, sock, err_r, cgroup
 
     def fds(self) -> tuple:
         return (self.sock.fileno(), self.err_r)
@@ -162,13 +161,19 @@ def prestart_init() -> PrestartedInit:
     except CgroupExists:
         remove_leftover_instance((NEUTRAL_GROUP,), instance, mounts)
         cgroup = SkillCgroup.create_neutral(instance, mounts)
-    plan = {"cgroup": cgroup, "in_v2": False}
     try:
-        pid, sock, err_r = _start_child(cgroup, plan)
+        launcher, sock, err_r = _start_child(cgroup)
     except BaseException:
         cgroup.remove()
         raise
-    return PrestartedInit(pid, sock, err_r, cgroup, plan["in_v2"])
+    try:
+        pid = _await_init(launcher, sock, err_r)
+    except BaseException:
+        sock.close()
+        posix.close(err_r)
+        cgroup.remove()
+        raise
+    return PrestartedInit(pid, sock, err_r, cgroup)
 
 
 # Built by scripts/setup.sh (make setup) from init/skillguard-init.c.
@@ -191,77 +196,63 @@ def _check_init() -> None:
                                         "refusing to execute the init from it")
 
 
-def _start_child(cgroup, plan: dict) -> tuple:
-    """Clone the init and execute skillguard-init in it: (pid, our socket,
-    error pipe)."""
+def _start_child(cgroup, idmaps=()) -> tuple:
+    """Start skillguard-init (posix_spawn: no copy of this process), which
+    makes the idmapping user namespaces `idmaps` ([(owner uid, owner gid,
+    uid, gid)]) and clones the init into a new PID namespace and `cgroup`
+    as our child. Returns (the launcher's pid, our socket, error pipe);
+    `_await_init` gives the init's pid."""
     _check_init()
     parent_sock, child_sock = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
     err_r, err_w = posix.pipe2(posix.O_CLOEXEC)
+    cgroup_fd = None
     try:
-        pid = _clone_init(cgroup, plan)
-    except BaseException:
-        for end in (parent_sock, child_sock):
-            end.close()
-        for fd in (err_r, err_w):
-            posix.close(fd)
-        raise
-    if pid == 0:
-        _exec_init(cgroup, plan["in_v2"], child_sock.fileno(), err_w)  # never returns
-    child_sock.close()
-    posix.close(err_w)
-    return pid, parent_sock, err_r
-
-
-def _exec_init(cgroup, in_v2: bool, sock_fd: int, err_w: int) -> None:
-    """In the cloned child: execute the init at once (the signals it forwards
-    are still blocked; execve keeps the mask). Never returns."""
-    try:
-        posix.set_inheritable(sock_fd, True)
-        posix.set_inheritable(err_w, True)
-        posix.execve(INIT, [INIT, str(sock_fd), str(err_w), *cgroup.init_join_files(in_v2)], {})
-    except BaseException as exc:  # noqa: BLE001 - nothing may escape a forked child
-        try:
-            posix.write(err_w, b"launch\0" + f"executing {INIT}: {exc}".encode())
-        except BaseException:  # noqa: BLE001
-            pass
-    posix._exit(SETUP_FAILED)
-
-
-def _clone_init(cgroup, plan: dict) -> int:
-    """The init: clone3 into a new PID namespace and the v2 cgroup; where
-    the kernel has no clone3 (< 5.7), unshare + fork and the child joins
-    the cgroup by writing cgroup.procs."""
-    from agent.enforce.libc import fork_into, unshare
-
-    parent = posix.getpid()
-    # The child starts with the signals its init forwards blocked, so
-    # none sent before its handlers exist is lost (skillguard-init.c).
-    mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, INIT_FORWARDS)
-    try:
-        return _clone(cgroup, plan, fork_into, unshare)
-    finally:
-        if posix.getpid() == parent:
-            _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
-
-
-def _clone(cgroup, plan: dict, fork_into, unshare) -> int:
-    cgroup_fd = cgroup.open_v2()
-    try:
-        pid = fork_into(CLONE_NEWPID, cgroup_fd)
-        plan["in_v2"] = cgroup_fd is not None
-        return pid
+        cgroup_fd = cgroup.open_v2()
+        keep = [child_sock.fileno(), err_w] + ([cgroup_fd] if cgroup_fd is not None else [])
+        tasks, procs = cgroup.init_join_files()
+        argv = [INIT, str(keep[0]), str(err_w), str(-1 if cgroup_fd is None else cgroup_fd)]
+        argv += [f"idmap={a}:{b}:{c}:{d}" for a, b, c, d in idmaps]
+        argv += [f"tasks={path}" for path in tasks] + ([f"procs={procs}"] if procs else [])
+        # dup2 of an fd onto itself clears its close-on-exec flag
+        # (posix_spawn_file_actions_adddup2(3), glibc >= 2.29). The init's
+        # forwarded signals start blocked: none sent before its handlers
+        # exist is lost (skillguard-init.c).
+        launcher = posix.posix_spawn(INIT, argv, {}, setsigmask=INIT_FORWARDS,
+                                     file_actions=[(posix.POSIX_SPAWN_DUP2, fd, fd) for fd in keep])
     except OSError as exc:
-        if exc.errno != 38:  # ENOSYS
-            raise LaunchError("namespaces", f"clone3(CLONE_NEWPID|CLONE_INTO_CGROUP): "
-                                            f"{exc.strerror}") from None
+        parent_sock.close()
+        posix.close(err_r)
+        raise LaunchError("launch", f"starting {INIT}: {exc.strerror}") from None
+    except BaseException:
+        parent_sock.close()
+        posix.close(err_r)
+        raise
     finally:
+        child_sock.close()
+        posix.close(err_w)
         if cgroup_fd is not None:
             posix.close(cgroup_fd)
+    return launcher, parent_sock, err_r
+
+
+def _await_init(launcher: int, sock, err_r: int) -> int:
+    """The init's pid, which the launcher sends before it exits; reaps the
+    launcher. Raises LaunchError with the launcher's reason when there is
+    no init."""
     try:
-        unshare(CLONE_NEWPID)
-    except OSError as exc:
-        raise LaunchError("namespaces", f"unshare(CLONE_NEWPID): {exc.strerror}") from None
-    return posix.fork()
+        message = sock.recv(16)
+    except OSError:
+        message = b""
+    posix.waitpid(launcher, 0)
+    if len(message) == 7 and message.startswith(b"pid"):
+        return int.from_bytes(message[3:], "little", signed=True)
+    try:
+        data = posix.read(err_r, 65536)
+    except OSError:
+        data = b""
+    if data:
+        raise LaunchError(*_failure(data))
+    raise LaunchError("launch", "skillguard-init exited without starting the init")
 
 
 class Supervisor:
@@ -318,6 +309,15 @@ class Supervisor:
         from agent.enforce.cgroup import (CgroupError, CgroupExists, LimitValues, SkillCgroup,
                                           remove_leftover_instance, safe_name)
 
+        # The owners whose binds are idmapped, for skillguard-init to make
+        # their user namespaces (a pre-started init's are made here).
+        self.idmaps = []
+        if self.prestarted is None:
+            for *_bind, owner in plan["binds"]:
+                if owner is not None:
+                    key = (owner[0], owner[1], plan["uid"], plan["gid"])
+                    if key not in self.idmaps:
+                        self.idmaps.append(key)
         spec = plan["cgroup"]
         self.cgroup_mounts = _CgroupMounts(spec["v2"], spec["v1"])
         try:
@@ -359,9 +359,10 @@ class Supervisor:
         caller_env = oslite.environ() if self.options.caller_env is None else self.options.caller_env
         env = filter_env(plan["env_fixed"], frozenset(plan["env_pass"]), caller_env)
         binds = self._binds(plan)
-        fds = sorted({fd for *_rest, fd in binds if fd is not None})
-        spec = sorted_binds([(path, writable, origin, None if fd is None else fds.index(fd))
-                             for path, writable, origin, fd in binds])
+        fds = sorted({ref for *_rest, ref in binds if ref is not None and ref >= 0})
+        spec = sorted_binds([(path, writable, origin,
+                              ref if ref is None or ref < 0 else fds.index(ref))
+                             for path, writable, origin, ref in binds])
         exec_index = None
         if plan["entrypoint_sha256"]:
             # Hash the open file and execute that fd (execveat AT_EMPTY_PATH):
@@ -392,6 +393,12 @@ class Supervisor:
             self.note(f"cgroup: removed {path}, left by a supervisor that was killed")
 
     def _binds(self, plan: dict) -> list:
+        """[(path, writable, origin, user namespace)]: None, an fd to pass, or
+        -2 - N for the Nth of `self.idmaps`, which skillguard-init made."""
+        if self.prestarted is None:
+            return [(path, writable, origin, None if owner is None else
+                     -2 - self.idmaps.index((owner[0], owner[1], plan["uid"], plan["gid"])))
+                    for path, writable, origin, owner in plan["binds"]]
         from agent.launch.mounts import MountError, idmap_userns
 
         made: dict = {}
@@ -416,24 +423,33 @@ class Supervisor:
         self.userns_made = list(made.values())
         return binds
 
-    def _send_plan(self, plan: dict, pid: int, sock) -> None:
+    def _send_plan(self, plan: dict, pid, sock, launcher=None, err_r=None) -> int:
         """The init's plan (init_wire.encode; skillguard-init.c
         `receive_plan`) in one message, with its fds: a pre-started init's
-        first, our 0..2 (the skill's stdio: supervise.py put them there)."""
+        first, our 0..2 (the skill's stdio: supervise.py put them there).
+        `pid` None: the init is being started by `launcher`. Returns the
+        init's pid."""
         try:
             binds, env, exec_index, fds, refused = self._complete()
             if plan["mounts"]["resolv_conf"]:
                 plan["mounts"]["resolv_target"] = _resolv_conf_target()
         except BaseException:
-            _kill_and_reap(pid)
             for text in self.plan["notes"]:
                 self.note(text)
+            try:
+                pid = pid if pid is not None else _await_init(launcher, sock, err_r)
+            except LaunchError:
+                pass
+            else:
+                _kill_and_reap(pid)
             raise
+        if pid is None:
+            pid = _await_init(launcher, sock, err_r)
         stdio = self.prestarted is not None
         if stdio:
             shift = 3
             fds = [0, 1, 2] + fds
-            binds = [(path, writable, origin, None if index is None else index + shift)
+            binds = [(path, writable, origin, index + shift if index is not None and index >= 0 else index)
                      for path, writable, origin, index in binds]
             exec_index = None if exec_index is None else exec_index + shift
         message = encode(plan, binds, env, exec_index, stdio)
@@ -444,6 +460,7 @@ class Supervisor:
         except OSError:
             pass  # the init is gone; _supervise reads why from its error pipe
         self._report_launch(refused)
+        return pid
 
     # -- fork and supervise --
 
@@ -469,14 +486,15 @@ class Supervisor:
                 posix.close(self.exec_fd)
 
     def _run(self, plan) -> RunResult:
+        launcher = None
         if self.prestarted is not None:
             init = self.prestarted
             pid, parent_sock, err_r = init.pid, init.sock, init.err_r
         else:
-            pid, parent_sock, err_r = _start_child(self.cgroup, plan)
-        self.pid = pid
+            pid = None
+            launcher, parent_sock, err_r = _start_child(self.cgroup, self.idmaps)
         try:
-            self._send_plan(plan, pid, parent_sock)
+            pid = self.pid = self._send_plan(plan, pid, parent_sock, launcher, err_r)
             if self.network is not None:
                 self._attach_network(pid, parent_sock)
         except BaseException:

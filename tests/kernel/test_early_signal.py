@@ -6,7 +6,7 @@ forwarded signals blocked, and the init holds what arrives during set-up
 until the skill exists, then passes it on. A SIGTERM before the skill's
 exec ends the launch with 143, and the skill's program never runs.
 
-The driver sends SIGTERM to the init right after the clone (the init has not
+The driver sends SIGTERM to the init as soon as it exists (it may not have
 installed its handlers yet) or once it has been sent its plan
 (handlers in place, no skill yet); the control sends nothing.
 """
@@ -25,7 +25,7 @@ from conftest import REPO_ROOT, require
 
 DRIVER = r"""
 import json, os, signal, sys
-from agent.launch.supervisor import RunOptions, Supervisor
+from agent.launch.supervisor import RunOptions, Supervisor, _await_init
 from agent.manifest import load_manifest
 
 manifest, state_root, when = sys.argv[1:4]
@@ -33,12 +33,15 @@ result = load_manifest(manifest)
 assert result.ok, result.errors
 
 class EarlySignal(Supervisor):
-    def _send_plan(self, plan, pid, sock):
+    def _send_plan(self, plan, pid, sock, launcher=None, err_r=None):
+        if pid is None:
+            pid = _await_init(launcher, sock, err_r)
         if when == "at-clone":
             os.kill(pid, signal.SIGTERM)
-        super()._send_plan(plan, pid, sock)
+        pid = super()._send_plan(plan, pid, sock)
         if when == "during-set-up":
             os.kill(pid, signal.SIGTERM)
+        return pid
 
 outcome = EarlySignal(result.policy, RunOptions(state_root=state_root),
                       lambda v: None, lambda t: None).run()
