@@ -443,8 +443,6 @@ class Supervisor:
             else:
                 _kill_and_reap(pid)
             raise
-        if pid is None:
-            pid = _await_init(launcher, sock, err_r)
         stdio = self.prestarted is not None
         if stdio:
             shift = 3
@@ -460,7 +458,8 @@ class Supervisor:
         except OSError:
             pass  # the init is gone; _supervise reads why from its error pipe
         self._report_launch(refused)
-        return pid
+        # The message waits in the socket if the init is not cloned yet.
+        return pid if pid is not None else _await_init(launcher, sock, err_r)
 
     # -- fork and supervise --
 
