@@ -5,14 +5,13 @@ be applied says why.
 
 Built on `_ctypes`, the C half of the `ctypes` package, without the package
 itself: `import ctypes` costs ~4 ms of a launch here (it defines some hundred
-types at import), `_ctypes` ~0.6 ms. The three types below are the only ones
-a launch needs. Arguments may be Python ints (passed as C long), bytes
+types at import), `_ctypes` ~0.6 ms. The types below are the only ones
+its callers need. Arguments may be Python ints (passed as C long), bytes
 (passed as `const char *`: structures the kernel only reads are packed with
 `struct`), None (NULL) or any ctypes object (other callers pass those).
 """
 import _ctypes
 import _struct as struct  # the C module `struct` re-exports: one import less
-import sys
 from posix import strerror
 
 
@@ -24,20 +23,9 @@ class c_char(_ctypes._SimpleCData):
     _type_ = "c"
 
 
-class c_char_p(_ctypes._SimpleCData):
-    _type_ = "z"
-
-
 class _Function(_ctypes.CFuncPtr):
     # Called with the GIL released; errno saved for get_errno().
     _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
-    _restype_ = c_long
-
-
-class _GilFunction(_ctypes.CFuncPtr):
-    # Called with the GIL held (ctypes.PyDLL): for clone3, whose child must
-    # find the interpreter exactly as fork() leaves it, and the PyOS_* calls.
-    _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO | _ctypes.FUNCFLAG_PYTHONAPI
     _restype_ = c_long
 
 
@@ -48,7 +36,6 @@ class _Process:
 
 
 _syscall = _Function(("syscall", _Process))
-_raw_syscall = _GilFunction(("syscall", _Process))
 get_errno = _ctypes.get_errno
 addressof = _ctypes.addressof
 
@@ -134,48 +121,7 @@ CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 
 
-CLONE_INTO_CGROUP = 0x200000000
 SIGCHLD = 17
-
-# struct clone_args (include/uapi/linux/sched.h, CLONE_ARGS_SIZE_VER2 = 88):
-# flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls,
-# set_tid, set_tid_size, cgroup; all __aligned_u64.
-_CLONE_ARGS = struct.Struct("=11Q")
-_before_fork = _GilFunction(("PyOS_BeforeFork", _Process))
-_after_fork_child = _GilFunction(("PyOS_AfterFork_Child", _Process))
-_after_fork_parent = _GilFunction(("PyOS_AfterFork_Parent", _Process))
-
-
-def fork_into(flags: int, cgroup_fd: int | None) -> int:
-    """fork(2) through clone3(2): `flags` (CLONE_NEW*) and, with `cgroup_fd`,
-    CLONE_INTO_CGROUP so the child starts in that v2 cgroup. Returns the
-    child's pid in the parent and 0 in the child, like os.fork().
-
-    CLONE_INTO_CGROUP places the child while fork holds only the read side
-    of cgroup_threadgroup_rwsem; moving a process afterwards through
-    cgroup.procs takes the write side, which waits for an RCU grace period
-    (10-15 ms here) unless cgroup2 is mounted with favordynmods
-    (kernel/cgroup/cgroup.c: cgroup_css_set_fork, cgroup_procs_write_start).
-
-    The interpreter's fork bookkeeping runs as for os.fork()
-    (PyOS_BeforeFork/AfterFork_*: import lock, threading, at-fork hooks), but
-    glibc's does not: in the child, glibc's cached thread id is still the
-    parent's, so the child must not use raise(3), abort(3) or pthread_kill(3).
-    Call only from a single-threaded process.
-    """
-    args = _CLONE_ARGS.pack(flags | (CLONE_INTO_CGROUP if cgroup_fd is not None else 0),
-                            0, 0, 0, SIGCHLD, 0, 0, 0, 0, 0,
-                            cgroup_fd if cgroup_fd is not None else 0)
-    _before_fork()
-    pid = _raw_syscall(NR["clone3"], args, c_long(_CLONE_ARGS.size))
-    if pid == 0:
-        _after_fork_child()
-        return 0
-    err = get_errno() if pid < 0 else 0
-    _after_fork_parent()
-    if pid < 0:
-        raise OSError(err, f"clone3: {strerror(err)}")
-    return pid
 
 
 CLONE_VM = 0x00000100
@@ -209,25 +155,3 @@ def clone_exiting(flags: int) -> int:
     if pid < 0:
         raise OSError(err, f"clone: {strerror(err)}")
     return pid
-
-
-AT_EMPTY_PATH = 0x1000
-
-
-def execveat_fd(fd: int, argv, env) -> None:
-    """execveat(fd, "", argv, env, AT_EMPTY_PATH): execute the open file `fd` itself.
-
-    Returns only by raising OSError. The kernel runs the inode behind `fd`,
-    whatever its path names now (execveat(2)). A script cannot be run this way
-    when `fd` is close-on-exec: its interpreter would be handed /dev/fd/N,
-    which is gone by then (ENOENT; fexecve(3)).
-    """
-    encoding = sys.getfilesystemencoding()
-
-    def block(strings):  # char *[] ending in NULL
-        return (c_char_p * (len(strings) + 1))(
-            *[s.encode(encoding, "surrogateescape") for s in strings], None)
-
-    env_list = [f"{k}={v}" for k, v in env.items()]
-    syscall("execveat", fd, b"", block(list(argv)), block(env_list), AT_EMPTY_PATH)
-    raise OSError(0, "execveat returned")  # unreachable: success does not return

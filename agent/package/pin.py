@@ -1,7 +1,7 @@
 """Entrypoint pinning: open the program once, check its sha256 on that open file.
 
 The launcher executes the returned descriptor with execveat(fd, "",
-AT_EMPTY_PATH) (libc.execveat_fd), so the kernel runs exactly the inode
+AT_EMPTY_PATH) (init/skillguard-init.c), so the kernel runs exactly the inode
 whose contents were hashed: renaming another file over the path after the
 check changes nothing.
 
