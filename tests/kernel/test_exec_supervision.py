@@ -511,13 +511,12 @@ with open(marker, "w") as fh:
 
 def test_exec_after_the_supervisor_is_sigkilled_is_refused(tree, state_root):
     """SIGKILL the real `skillguard run` supervisor, then let the skill try
-    `git status` (allowed while supervised): it must not run. Either the skill
-    died with its supervisor, or its execve failed with ENOSYS because the
-    listener is closed (seccomp_unotify(2)); never "allowed".
-
-    Seen on this kernel: the skill lives on. The init's PR_SET_PDEATHSIG is
-    cleared by the kernel when it changes its uid (prctl(2): "cleared upon
-    changes to ... effective user ID"), so the skill is reparented, not killed."""
+    `git status` (allowed while supervised): it must not run. The skill dies
+    with its supervisor: the kernel clears the init's PR_SET_PDEATHSIG when
+    it changes its uid (prctl(2)), and skillguard-init sets it again after
+    (`rearm_parent_death`); the init's death ends its PID namespace. Were the
+    skill to live on, its execve would fail with ENOSYS, the listener being
+    closed (seccomp_unotify(2)): that is asserted too, never "allowed"."""
     import errno
 
     repo = tree / "work" / "repo"
@@ -544,8 +543,8 @@ def test_exec_after_the_supervisor_is_sigkilled_is_refused(tree, state_root):
         time.sleep(0.2)
         if marker.exists():
             assert marker.read_text() == f"exec failed {errno.ENOSYS}"
-        else:
-            assert not _pids_with(token), "the skill neither exec'd nor ended"
+        assert not _pids_with(token), "the skill outlived its supervisor"
+        assert not marker.exists(), "the skill lived on after its supervisor died"
     finally:
         for pid in _pids_with(token):
             os.kill(pid, signal.SIGKILL)
