@@ -24,10 +24,9 @@ from agent import oslite
 # What a launch from a stored plan imports after agent.fastrun, packages
 # before their modules (agent/fastrun.py, agent/launch/supervisor.py).
 MODULES = (
-    "agent.launch", "agent.launch.plan_cache", "agent.enforce", "agent.enforce.libc",
-    "agent.launch.init_wire", "agent.launch.supervisor", "agent.events", "agent.events.violation",
-    "agent.compile", "agent.compile.env", "agent.enforce.cgroup", "agent.launch.mounts",
-    "agent.launch.notify",
+    "agent.launch", "agent.launch.plan_cache", "agent.enforce", "agent.launch.init_wire",
+    "agent.launch.supervisor", "agent.events", "agent.events.violation", "agent.compile",
+    "agent.compile.env", "agent.enforce.cgroup", "agent.launch.notify",
 )
 VERSION = 3
 _ROOT = oslite.dirname(oslite.dirname(oslite.abspath(__file__)))  # the directory holding agent/

@@ -19,10 +19,10 @@ sys.path.insert(0, sys.argv[1])
 from agent import bundle
 used = bundle.install()
 import agent.launch.supervisor as supervisor
-import agent.launch.mounts as mounts
+import agent.launch.notify as notify
 print(json.dumps({"used": used, "file": supervisor.__file__,
                   "loader": type(supervisor.__spec__.loader).__name__,
-                  "mounts_file": mounts.__file__, "os": "os" in sys.modules}))
+                  "notify_file": notify.__file__, "os": "os" in sys.modules}))
 """
 
 
@@ -63,7 +63,7 @@ def test_a_built_bundle_serves_the_launch_modules_with_their_own_paths(tree):
     assert seen["used"] is True
     assert seen["loader"] == "_Finder"
     assert seen["file"] == str(tree / "agent" / "launch" / "supervisor.py")
-    assert seen["mounts_file"] == str(tree / "agent" / "launch" / "mounts.py")
+    assert seen["notify_file"] == str(tree / "agent" / "launch" / "notify.py")
     assert seen["os"] is False  # the launch path does not load `os` (agent/oslite.py)
 
 
