@@ -321,7 +321,7 @@ async def wait(daemon, conn, params, fds):
         except asyncio.TimeoutError:
             return {"id": skill.id, "state": skill.state, "exited": False}
     result = {"id": skill.id, "state": skill.state, "exited": True, "exit_code": skill.exit_code,
-              "violations": list(skill.violations), "notes": list(skill.notes)}
+              "violations": [v.to_dict() for v in skill.violations], "notes": list(skill.notes)}
     if skill.error:
         result["error"] = skill.error
     return result

@@ -21,22 +21,24 @@ class SkillLabels:
 
     def __init__(self, limit: int):
         self.limit = limit
-        self._known: set[str] = set()
+        # The names with a label of their own; only ever added to, never
+        # rebound, so the pipeline keeps a reference to it (one set lookup per event).
+        self.names: set[str] = set()
 
     def admit(self, name: str) -> str:
         """Make `name` a label value if there is room; return its label."""
-        if name in self._known:
+        if name in self.names:
             return name
-        if len(self._known) < self.limit:
-            self._known.add(name)
+        if len(self.names) < self.limit:
+            self.names.add(name)
             return name
         return OTHER
 
     def label(self, name: str) -> str:
-        return name if name in self._known else OTHER
+        return name if name in self.names else OTHER
 
     def __len__(self) -> int:
-        return len(self._known)
+        return len(self.names)
 
 
 class Metrics:

@@ -438,7 +438,7 @@ class Daemon:
     def publish(self, violation, skill: Optional[Skill]) -> None:
         if skill is not None:
             skill.violation_count += 1
-            skill.violations.append(violation.to_dict())
+            skill.violations.append(violation)  # as dicts only when read (inspect, wait)
         self.pipeline.publish(violation, skill.id if skill is not None else None)
 
     def _kind_counts(self) -> dict:

@@ -61,7 +61,7 @@ class Skill:
     # runtime only
     pidfd: Optional[int] = None
     adopted: bool = False  # re-adopted after a daemon restart
-    violations: deque = field(default_factory=lambda: deque(maxlen=RECENT_VIOLATIONS))
+    violations: deque = field(default_factory=lambda: deque(maxlen=RECENT_VIOLATIONS))  # Violation objects
     notes: deque = field(default_factory=lambda: deque(maxlen=RECENT_NOTES))
     violation_count: int = 0
     waiters: list = field(default_factory=list)
@@ -119,7 +119,7 @@ class Skill:
     def detail(self) -> dict:
         out = self.summary()
         out.update(source=self.source, cgroup_paths=list(self.cgroup_paths), cgroup_id=self.cgroup_id,
-                   recent_violations=list(self.violations), notes=list(self.notes))
+                   recent_violations=[v.to_dict() for v in self.violations], notes=list(self.notes))
         if self.kind == "registered":
             out.update(layers=dict(self.layers), required=list(self.required), tree=self.tree)
         if self.error is not None:
