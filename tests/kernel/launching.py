@@ -99,3 +99,17 @@ def run_skill(directory: Path, state_root: str, manifest: Path, argv: list[str],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
     return Run(proc, events)
+
+
+@contextlib.contextmanager
+def launch_area(prefix: str) -> Iterator[Path]:
+    """A temporary directory under /var/tmp (0755) with a state root
+    (`state`, 0711) and a `work` directory for a launch; removed after."""
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    try:
+        root.chmod(0o755)
+        (root / "state").mkdir(mode=0o711)
+        (root / "work").mkdir()
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -12,16 +12,15 @@ installed its handlers yet) or once it has been sent its plan
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO_ROOT, require
+from launching import launch_area
 
 DRIVER = r"""
 import json, os, signal, sys
@@ -56,12 +55,8 @@ def _root():
 
 @pytest.fixture
 def area():
-    root = Path(tempfile.mkdtemp(prefix="skillguard-early-signal-", dir="/var/tmp"))
-    root.chmod(0o755)
-    (root / "state").mkdir(mode=0o711)
-    (root / "work").mkdir()
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
+    with launch_area("skillguard-early-signal-") as root:
+        yield root
 
 
 def launch(area: Path, when: str) -> dict:

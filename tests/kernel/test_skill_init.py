@@ -29,13 +29,13 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from agent.launch import init_wire
 from conftest import REPO_ROOT, require
+from launching import launch_area, require_launch_features
 
 PYTHON = sys.executable
 INIT = REPO_ROOT / "build" / "skillguard-init"
@@ -139,26 +139,14 @@ FD_PROBE = 'for f in /proc/self/fd/*; do echo "$f"; done'
 
 @pytest.fixture(scope="module", autouse=True)
 def _features():
-    require(os.geteuid() == 0, "needs root (euid 0)")
-    try:
-        actions = Path("/proc/sys/kernel/seccomp/actions_avail").read_text().split()
-    except OSError:
-        actions = []
-    require("user_notif" in actions, f"seccomp user notification missing (actions: {actions})")
-    from agent.enforce.landlock import abi_version
-
-    require(abi_version() >= 1, "Landlock is not available")
+    require_launch_features()
     require(INIT.is_file(), f"{INIT} is missing: run `sudo make setup`")
 
 
 @pytest.fixture
 def area():
-    root = Path(tempfile.mkdtemp(prefix="skillguard-init-test-", dir="/var/tmp"))
-    root.chmod(0o755)
-    (root / "state").mkdir(mode=0o711)
-    (root / "work").mkdir()
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
+    with launch_area("skillguard-init-test-") as root:
+        yield root
 
 
 def marker_script(area: Path) -> str:
