@@ -11,7 +11,6 @@ its callers need. Arguments may be Python ints (passed as C long), bytes
 `struct`), None (NULL) or any ctypes object (other callers pass those).
 """
 import _ctypes
-import _struct as struct  # the C module `struct` re-exports: one import less
 from posix import strerror
 
 
