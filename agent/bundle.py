@@ -29,16 +29,15 @@ MODULES = (
     "agent.compile.env", "agent.enforce.cgroup", "agent.launch.notify",
 )
 VERSION = 3
-_ROOT = oslite.dirname(oslite.dirname(oslite.abspath(__file__)))  # the directory holding agent/
 
 
 def path() -> str:
-    return f"{_ROOT}/agent/__pycache__/launch-bundle.{sys.implementation.cache_tag}"
+    return f"{oslite.REPO_ROOT}/agent/__pycache__/launch-bundle.{sys.implementation.cache_tag}"
 
 
 def _source(name: str) -> tuple:
     """(source path, is a package) of module `name`."""
-    base = f"{_ROOT}/{name.replace('.', '/')}"
+    base = f"{oslite.REPO_ROOT}/{name.replace('.', '/')}"
     if oslite.isdir(base):
         return f"{base}/__init__.py", True
     return f"{base}.py", False

@@ -137,3 +137,7 @@ def makedirs(path: str, mode: int = 0o777) -> None:
         except FileExistsError:
             if not isdir(path):
                 raise
+
+
+# The directory holding agent/ (the repository the agent runs from).
+REPO_ROOT = dirname(dirname(abspath(__file__)))

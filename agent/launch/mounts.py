@@ -22,9 +22,11 @@ unwritable (and, at 0700, unreadable) through DAC even though Landlock grants
 it. Each such grant is mounted with an idmapping from the directory's owner
 to the skill's uid/gid: the skill sees it as its own, and files it creates
 land on disk owned by the original owner. Files of any other owner show as
-the overflow uid (nobody) and keep their "other" permissions. The user
-namespaces for those idmappings are made here (`idmap_userns`) and passed to
-the init with its plan.
+the overflow uid (nobody) and keep their "other" permissions. For a
+standalone launch skillguard-init makes the user namespaces for those
+idmappings itself (`make_idmap`, before it clones the init); a pre-started
+init gets them with its plan, made here (`idmap_userns`) or kept by the
+daemon.
 """
 import posix
 

@@ -30,14 +30,13 @@ NO_CACHE_ENV = "SKILLGUARD_NO_CACHE"
 INPUT_ENV = ("SKILLGUARD_STATE_ROOT", "SKILLGUARD_UID_RANGE", "SKILLGUARD_CONFIG",
              "SKILLGUARD_SOCKET")
 DEFAULT_CONFIG = "/etc/skillguard/agent.yaml"
-_REPO = oslite.dirname(oslite.dirname(oslite.dirname(oslite.abspath(__file__))))
 
 
 def code_stamp() -> bytes:
     """(path, size, mtime) of every source and profile file of the agent."""
     entries = []
     for top in ("agent", "policies"):
-        stack = [oslite.join(_REPO, top)]
+        stack = [oslite.join(oslite.REPO_ROOT, top)]
         while stack:
             directory = stack.pop()
             try:

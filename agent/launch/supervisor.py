@@ -177,8 +177,7 @@ def prestart_init() -> PrestartedInit:
 
 
 # Built by scripts/setup.sh (make setup) from init/skillguard-init.c.
-INIT = oslite.join(oslite.dirname(oslite.dirname(oslite.dirname(oslite.abspath(__file__)))),
-                   "build", "skillguard-init")
+INIT = oslite.join(oslite.REPO_ROOT, "build", "skillguard-init")
 
 
 def _check_init() -> None:
@@ -293,10 +292,11 @@ class Supervisor:
     # -- before fork --
 
     def prepare(self) -> dict:
-        """What the child must be cloned with: the plan (built now unless
-        given) and the skill's cgroup (clone3 starts the child in it).
-        Everything else is done while the child starts (`_complete`).
-        Returns the init's part of the plan (init_wire.encode)."""
+        """What the init must be started with: the plan (built now unless
+        given), the skill's cgroup (clone3 starts the init in it) and the
+        idmappings skillguard-init makes. Everything else is done while the
+        init starts (`_complete`). Returns the init's part of the plan
+        (init_wire.encode)."""
         if self.plan is None:
             self.plan = make_plan(self.policy, self.options)
         plan = self.plan
@@ -314,10 +314,8 @@ class Supervisor:
         self.idmaps = []
         if self.prestarted is None:
             for *_bind, owner in plan["binds"]:
-                if owner is not None:
-                    key = (owner[0], owner[1], plan["uid"], plan["gid"])
-                    if key not in self.idmaps:
-                        self.idmaps.append(key)
+                if owner is not None and _idmap(owner, plan) not in self.idmaps:
+                    self.idmaps.append(_idmap(owner, plan))
         spec = plan["cgroup"]
         self.cgroup_mounts = _CgroupMounts(spec["v2"], spec["v1"])
         try:
@@ -337,14 +335,11 @@ class Supervisor:
         except CgroupError as exc:
             raise LaunchError("cgroup", str(exc)) from None
         return {
-            "executable": plan["executable"], "argv": plan["argv"], "env": None,
-            "cwd": plan["cwd"], "uid": plan["uid"], "gid": plan["gid"],
-            "hostname": plan["hostname"], "cgroup": self.cgroup, "in_v2": False,
-            "mounts": {"binds": None, "uid": plan["uid"], "gid": plan["gid"],
-                       "tmp_size": plan["tmp_size"], "resolv_conf": plan["resolv_conf"]},
+            "executable": plan["executable"], "argv": plan["argv"], "cwd": plan["cwd"],
+            "uid": plan["uid"], "gid": plan["gid"], "hostname": plan["hostname"],
+            "mounts": {"tmp_size": plan["tmp_size"], "resolv_conf": plan["resolv_conf"]},
             "rlimits": plan["rlimits"], "landlock": plan["landlock"],
-            "seccomp_bpf": plan["seccomp"]["bpf"], "exec_fd": None,
-            "wait_for_network": self.network is not None,
+            "seccomp_bpf": plan["seccomp"]["bpf"], "wait_for_network": self.network is not None,
         }
 
     def _complete(self) -> tuple:
@@ -396,8 +391,8 @@ class Supervisor:
         """[(path, writable, origin, user namespace)]: None, an fd to pass, or
         -2 - N for the Nth of `self.idmaps`, which skillguard-init made."""
         if self.prestarted is None:
-            return [(path, writable, origin, None if owner is None else
-                     -2 - self.idmaps.index((owner[0], owner[1], plan["uid"], plan["gid"])))
+            return [(path, writable, origin,
+                     None if owner is None else -2 - self.idmaps.index(_idmap(owner, plan)))
                     for path, writable, origin, owner in plan["binds"]]
         from agent.launch.mounts import MountError, idmap_userns
 
@@ -745,6 +740,11 @@ def _failure(data: bytes) -> tuple[str, str]:
     if not nul or not layer:
         return "launch", repr(data[:200])
     return layer.decode(errors="replace"), reason.decode(errors="replace")
+
+
+def _idmap(owner, plan: dict) -> tuple:
+    """(owner uid, owner gid, skill uid, skill gid): one idmapping user namespace."""
+    return (owner[0], owner[1], plan["uid"], plan["gid"])
 
 
 def _resolv_conf_target() -> str:
