@@ -15,7 +15,9 @@
  * Launcher: make the idmapping user namespaces the binds need (each
  * idmap=), then clone3(CLONE_NEWPID | CLONE_INTO_CGROUP | CLONE_PARENT)
  * the init, a child of the supervisor, tell the supervisor its pid
- * ("pid" + int32 on SOCK_FD) and exit. Done here, in a small static
+ * ("pid" + int32 on SOCK_FD: the first message the supervisor reads there,
+ * since the init sends nothing before the launcher has exited) and exit.
+ * Done here, in a small static
  * process, so that the supervisor neither copies its interpreter nor
  * loads a foreign-function library to make namespaces.
  *
@@ -115,6 +117,7 @@ static int sock_fd = -1, err_fd = -1, cgroup_fd = -1;
  * with fd index -2 - N. */
 static int idmap_fds[MAX_IDMAPS];
 static int nidmaps;
+static int launcher_gate = -1;  /* read end of a pipe: EOF once the launcher is gone */
 
 /* ------------------------------------------------------------ failures */
 
@@ -718,6 +721,14 @@ static void close_other_fds(void)
     syscall(SYS_close_range, next, ~0U, 0);
 }
 
+static void wait_for_launcher(void)
+{
+    char byte;
+    while (read(launcher_gate, &byte, 1) < 0 && errno == EINTR)
+        ;
+    close(launcher_gate);
+}
+
 static int parse_fd(const char *text)
 {
     char *end;
@@ -771,6 +782,12 @@ static int make_idmap(const char *spec)
  * init; in the launcher, after telling the supervisor the init's pid, exits. */
 static int clone_init(void)
 {
+    /* The pid message must be the first thing the supervisor reads on the
+     * socket: the init sends nothing before the launcher has exited
+     * (wait_for_launcher), which closes the gate's write end. */
+    int gate[2];
+    if (pipe2(gate, O_CLOEXEC) < 0)
+        fail("launch", "pipe: %s", strerror(errno));
     struct clone_args_v2 args = {.flags = CLONE_NEWPID | CLONE_PARENT};
     if (cgroup_fd >= 0) {
         args.flags |= CLONE_INTO_CGROUP_FLAG;
@@ -787,8 +804,11 @@ static int clone_init(void)
     if (pid < 0)
         fail("namespaces", "clone3(CLONE_NEWPID%s): %s", cgroup_fd >= 0 ? "|CLONE_INTO_CGROUP" : "",
              strerror(errno));
-    if (pid == 0)
+    if (pid == 0) {
+        close(gate[1]);
+        launcher_gate = gate[0];
         return in_cgroup;
+    }
     char message[7] = "pid";
     int32_t value = (int32_t)pid;
     memcpy(message + 3, &value, 4);
@@ -853,6 +873,7 @@ int main(int argc, char **argv)
     struct plan plan;
     memset(&plan, 0, sizeof plan);
     receive_plan(&plan);
+    wait_for_launcher();
     if (plan.flags & FLAG_NETWORK)  /* the supervisor may now enter our netns */
         if (send(sock_fd, "netns", 5, MSG_NOSIGNAL) != 5)
             fail("network", "telling the supervisor: %s", strerror(errno));
