@@ -23,6 +23,7 @@ to scale; `--skip launch,pipeline` to leave parts out).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -68,11 +69,9 @@ def register_one(client, pid: int) -> tuple[float, str]:
 
 def bench_register(daemon, count: int, concurrent_count: int, clients: int) -> dict:
     """`count` registrations one after another over one connection, then
-    `concurrent_count` more from `clients` connections at once (threads of
-    this process) on top of the `count` live ones. Client view: request
-    written to reply read. The daemon's CPU time is read around each phase."""
-    import threading
-
+    `concurrent_count` more from `clients` connections at once (a process
+    each) on top of the `count` live ones. Client view: request written to
+    reply read. The daemon's CPU time is read around each phase."""
     from agent.client import Client, RpcError
 
     sleepers = [subprocess.Popen(["sleep", "600"]) for _ in range(count + concurrent_count)]
@@ -95,30 +94,22 @@ def bench_register(daemon, count: int, concurrent_count: int, clients: int) -> d
         out["sequential"] = summary(latencies, elapsed, cpu1 - cpu0)
         out["rss_after"] = rss_mib(daemon.proc.pid)
 
-        batches = [sleepers[count + i::clients] for i in range(clients)]
-        results: list[list[float]] = [[] for _ in range(clients)]
-        failures: list[str] = []
-        go = threading.Barrier(clients + 1)
-
-        def worker(index: int) -> None:
-            with Client(daemon.socket, timeout=60) as client:
-                go.wait()
-                for proc in batches[index]:
-                    try:
-                        results[index].append(register_one(client, proc.pid)[0])
-                    except RpcError as exc:
-                        failures.append(exc.message)
-                        return
-
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
-        for thread in threads:
-            thread.start()
-        go.wait()
+        batches = [[proc.pid for proc in sleepers[count + i::clients]] for i in range(clients)]
+        go_r, go_w = os.pipe()
+        workers = [_client_process(daemon.socket, pids, go_r, go_w) for pids in batches]
+        os.close(go_r)
         cpu0, start = cpu_ns(daemon.proc.pid), time.perf_counter()
-        for thread in threads:
-            thread.join()
+        os.close(go_w)  # EOF: every client starts at once
+        latencies, failures = [], []
+        for pid, reader in workers:
+            with os.fdopen(reader, "rb") as fh:
+                result = json.loads(fh.read() or b'{"failure": "no result"}')
+            os.waitpid(pid, 0)
+            latencies.extend(result.get("latencies", ()))
+            if result.get("failure"):
+                failures.append(result["failure"])
         elapsed, cpu1 = time.perf_counter() - start, cpu_ns(daemon.proc.pid)
-        out["concurrent"] = summary([x for r in results for x in r], elapsed, cpu1 - cpu0)
+        out["concurrent"] = summary(latencies, elapsed, cpu1 - cpu0)
         out["clients"] = clients
         if failures:
             out["failure"] = f"concurrent registration refused: {failures[0]}"
@@ -139,6 +130,39 @@ def bench_register(daemon, count: int, concurrent_count: int, clients: int) -> d
                 if not client.call("list")["skills"]:
                     break
             time.sleep(0.2)
+
+
+def _client_process(socket_path: str, pids: list[int], go: int, go_writer: int) -> tuple[int, int]:
+    """A client of its own (a forked process, as each runtime is: client
+    threads of one process would add their GIL hand-offs to the latency)
+    that waits for EOF on `go` (it closes its copy of `go_writer`), registers `pids` one after another over one
+    connection and writes {"latencies": [...], "failure": ...} as JSON to the
+    pipe returned with its pid."""
+    from agent.client import Client, RpcError
+
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(writer)
+        return pid, reader
+    result = {"latencies": [], "failure": None}
+    try:
+        os.close(reader)
+        os.close(go_writer)
+        with Client(socket_path, timeout=60) as client:
+            os.read(go, 1)
+            for target in pids:
+                try:
+                    result["latencies"].append(register_one(client, target)[0])
+                except RpcError as exc:
+                    result["failure"] = exc.message
+                    break
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        result["failure"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        with os.fdopen(writer, "wb") as out:
+            out.write(json.dumps(result).encode())
+        os._exit(0)
 
 
 def summary(latencies: list[float], elapsed: float, cpu: int) -> dict:
