@@ -6,7 +6,11 @@
 1. register: 1,000 live processes (`sleep`) registered one after another
    through the socket; registrations/s and p50/p99 latency (client view,
    request written to reply read), with 1,000 skills live at the end; then
-   1,000 more from 4 connections at once; the daemon's CPU per registration.
+   1,000 more from 4 client processes at once, each sending its next request
+   as soon as its last is answered (the daemon saturated: latency is the
+   queue behind the other clients); then 1,000 more from 4 clients offered
+   at 1,000/s in total (the throughput target: is p99 within 5 ms while
+   serving it?); the daemon's CPU per registration.
 2. daemon RSS with those 1,000 registered skills live.
 3. pipeline: violation events/s through `Pipeline.publish` (JSON-lines log
    to a file, Prometheus counters, one `events` subscriber), with the
@@ -17,8 +21,8 @@
    without the zygote; medians of the same number of runs, interleaved.
 
 Run as root with the venv python: `.venv/bin/python bench/daemon/run.py`
-(`--skills N`, `--concurrent N`, `--clients N`, `--launches N`, `--events N`
-to scale; `--skip launch,pipeline` to leave parts out).
+(`--skills N`, `--concurrent N`, `--clients N`, `--paced N`, `--rate R`,
+`--launches N`, `--events N` to scale; `--skip launch,pipeline` to leave parts out).
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import json
 import os
 import shutil
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -67,14 +72,17 @@ def register_one(client, pid: int) -> tuple[float, str]:
     return time.perf_counter() - t0, reply["id"]
 
 
-def bench_register(daemon, count: int, concurrent_count: int, clients: int) -> dict:
+def bench_register(daemon, count: int, concurrent_count: int, clients: int, paced_count: int,
+                   rate: float) -> dict:
     """`count` registrations one after another over one connection, then
     `concurrent_count` more from `clients` connections at once (a process
-    each) on top of the `count` live ones. Client view: request written to
-    reply read. The daemon's CPU time is read around each phase."""
+    each) as fast as they are answered, on top of the `count` live ones, then
+    `paced_count` more from `clients` connections offered at `rate` per
+    second in total. Client view: request written (or due) to reply read.
+    The daemon's CPU time is read around each phase."""
     from agent.client import Client, RpcError
 
-    sleepers = [subprocess.Popen(["sleep", "600"]) for _ in range(count + concurrent_count)]
+    sleepers = [subprocess.Popen(["sleep", "600"]) for _ in range(count + concurrent_count + paced_count)]
     out = {"failure": None}
     try:
         out["rss_before"] = rss_mib(daemon.proc.pid)
@@ -94,25 +102,13 @@ def bench_register(daemon, count: int, concurrent_count: int, clients: int) -> d
         out["sequential"] = summary(latencies, elapsed, cpu1 - cpu0)
         out["rss_after"] = rss_mib(daemon.proc.pid)
 
-        batches = [[proc.pid for proc in sleepers[count + i::clients]] for i in range(clients)]
-        go_r, go_w = os.pipe()
-        workers = [_client_process(daemon.socket, pids, go_r, go_w) for pids in batches]
-        os.close(go_r)
-        cpu0, start = cpu_ns(daemon.proc.pid), time.perf_counter()
-        os.close(go_w)  # EOF: every client starts at once
-        latencies, failures = [], []
-        for pid, reader in workers:
-            with os.fdopen(reader, "rb") as fh:
-                result = json.loads(fh.read() or b'{"failure": "no result"}')
-            os.waitpid(pid, 0)
-            latencies.extend(result.get("latencies", ()))
-            if result.get("failure"):
-                failures.append(result["failure"])
-        elapsed, cpu1 = time.perf_counter() - start, cpu_ns(daemon.proc.pid)
-        out["concurrent"] = summary(latencies, elapsed, cpu1 - cpu0)
+        targets = [proc.pid for proc in sleepers[count:count + concurrent_count]]
+        out["concurrent"], failure = _from_clients(daemon, targets, clients, rate=None)
+        targets = [proc.pid for proc in sleepers[count + concurrent_count:]]
+        out["paced"], failure_paced = _from_clients(daemon, targets, clients, rate=rate)
         out["clients"] = clients
-        if failures:
-            out["failure"] = f"concurrent registration refused: {failures[0]}"
+        if failure or failure_paced:
+            out["failure"] = f"concurrent registration refused: {failure or failure_paced}"
         with Client(daemon.socket) as client:
             out["live"] = len(client.call("list")["skills"])
         return out
@@ -132,12 +128,43 @@ def bench_register(daemon, count: int, concurrent_count: int, clients: int) -> d
             time.sleep(0.2)
 
 
-def _client_process(socket_path: str, pids: list[int], go: int, go_writer: int) -> tuple[int, int]:
+def _from_clients(daemon, targets: list[int], clients: int, rate) -> tuple[dict, str]:
+    """Register `targets` from `clients` processes at once, each over its own
+    connection: as fast as each can (rate None: every client sends its next
+    request when its last is answered), or paced at `rate` registrations/s
+    in total. (summary, first failure or "")."""
+    go_r, go_w = os.pipe()
+    workers = [_client_process(daemon.socket, targets[i::clients], go_r, go_w, i, clients, rate)
+               for i in range(clients)]
+    os.close(go_r)
+    cpu0, start = cpu_ns(daemon.proc.pid), time.perf_counter() + 0.05
+    os.write(go_w, struct.pack("d", start) * clients)  # each client reads its 8 bytes (atomic: PIPE_BUF)
+    os.close(go_w)
+    latencies, failures = [], []
+    for pid, reader in workers:
+        with os.fdopen(reader, "rb") as fh:
+            result = json.loads(fh.read() or b'{"failure": "no result"}')
+        os.waitpid(pid, 0)
+        latencies.extend(result.get("latencies", ()))
+        if result.get("failure"):
+            failures.append(result["failure"])
+    elapsed, cpu1 = time.perf_counter() - start, cpu_ns(daemon.proc.pid)
+    return summary(latencies, elapsed, cpu1 - cpu0), (failures[0] if failures else "")
+
+
+def _client_process(socket_path: str, pids: list[int], go: int, go_writer: int, index: int, clients: int,
+                    rate) -> tuple[int, int]:
     """A client of its own (a forked process, as each runtime is: client
-    threads of one process would add their GIL hand-offs to the latency)
-    that waits for EOF on `go` (it closes its copy of `go_writer`), registers `pids` one after another over one
-    connection and writes {"latencies": [...], "failure": ...} as JSON to the
-    pipe returned with its pid."""
+    threads of one process would add their GIL hand-offs to the latency).
+    It reads the start time from `go` (it closes its copy of `go_writer`),
+    registers `pids` one after another over one connection and writes
+    {"latencies": [...], "failure": ...} as JSON to the pipe returned with
+    its pid.
+
+    Paced (`rate`), its k-th request is due at start + (k * clients + index)
+    / rate. A request sent late because the one before was slow is timed
+    from when it was due, not from when it went out, so a stall counts for
+    every request it delays (no "coordinated omission")."""
     from agent.client import Client, RpcError
 
     reader, writer = os.pipe()
@@ -150,10 +177,18 @@ def _client_process(socket_path: str, pids: list[int], go: int, go_writer: int) 
         os.close(reader)
         os.close(go_writer)
         with Client(socket_path, timeout=60) as client:
-            os.read(go, 1)
-            for target in pids:
+            start = struct.unpack("d", os.read(go, 8))[0]
+            for k, target in enumerate(pids):
+                due = start + (k * clients + index) / rate if rate else start
+                now = time.perf_counter()
+                if now < due:
+                    time.sleep(due - now)
+                    t0 = time.perf_counter()
+                else:
+                    t0 = due if rate else now
                 try:
-                    result["latencies"].append(register_one(client, target)[0])
+                    client.call("register", {"pids": [target], "manifest": REGISTER_MANIFEST})
+                    result["latencies"].append(time.perf_counter() - t0)
                 except RpcError as exc:
                     result["failure"] = exc.message
                     break
@@ -338,6 +373,9 @@ def main() -> int:
     parser.add_argument("--concurrent", type=int, default=1000,
                         help="registrations made from --clients connections at once after --skills")
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--paced", type=int, default=1000,
+                        help="registrations from --clients connections at --rate in total, after --concurrent")
+    parser.add_argument("--rate", type=float, default=1000.0, help="registrations/s offered in the paced part")
     parser.add_argument("--launches", type=int, default=15)
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--rpc", type=int, default=2000, help="round trips per JSON-RPC case")
@@ -360,7 +398,8 @@ def main() -> int:
         daemon.start()
         register_ok = daemon.call("status")["register"] == "available"
         rpc = bench_rpc(daemon, args.rpc)
-        reg = bench_register(daemon, args.skills, args.concurrent, args.clients) if register_ok else None
+        reg = (bench_register(daemon, args.skills, args.concurrent, args.clients, args.paced, args.rate)
+               if register_ok else None)
         if "launch" not in skip:
             if not args.no_other_daemons:
                 for label, (name, value) in OTHER_DAEMONS.items():
@@ -387,9 +426,12 @@ def main() -> int:
     if reg:
         if reg["failure"]:
             print(f"register: STOPPED EARLY: {reg['failure']}")
-        for key, label in (("sequential", f"{args.skills - 1} registrations one after another, one connection"),
-                           ("concurrent", f"{args.concurrent} registrations from {args.clients} connections at "
-                                          f"once, {args.skills}+ live")):
+        rows = (("sequential", f"{args.skills - 1} registrations one after another, one connection"),
+                ("concurrent", f"{args.concurrent} registrations from {args.clients} connections at once, "
+                               f"each as fast as it is answered, {args.skills}+ live"),
+                ("paced", f"{args.paced} registrations from {args.clients} connections at once, offered at "
+                          f"{args.rate:.0f}/s in total, {args.skills + args.concurrent}+ live"))
+        for key, label in rows:
             r = reg[key]
             print(f"register, {label}:")
             print(f"  {r['per_s']:8.0f} registrations/s   (target >= 1000: {r['per_s'] / 1000:.2f}x of target)")
