@@ -33,6 +33,8 @@ import socket
 from collections import OrderedDict, deque
 from typing import Optional
 
+from agent.enforce.cgroup import SkillCgroup
+
 SPARE_PREFIX = "reg-"
 LOW_WATER = 24  # ask for more when a key has fewer spares (made or on their way) than this
 BATCH = 24  # cgroups per request
@@ -147,8 +149,6 @@ class CgroupPool:
     # -- answers, read from the event loop --
 
     def on_readable(self) -> None:
-        from agent.enforce.cgroup import SkillCgroup
-
         while self.sock is not None:
             try:
                 data = self.sock.recv(_MAX_MESSAGE)
@@ -242,7 +242,7 @@ def _rmdir_all(paths) -> None:
 # ---- the helper process -----------------------------------------------------
 
 def _helper(sock: socket.socket, mounts, root: str, daemon_pid: int) -> None:
-    from agent.enforce.cgroup import CgroupError, LimitValues, SkillCgroup
+    from agent.enforce.cgroup import CgroupError, LimitValues
     from agent.enforce.libc import PR_SET_PDEATHSIG, prctl
 
     # Nothing inherited may be finalised here: garbage of the daemon's (a

@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 
 from agent.compile.bpf_policy import SKILL_DNS, SKILL_FS_KILL, SKILL_FS_OBSERVE, BpfPolicy, FsRules
 from agent.enforce import bpf_hooks
@@ -57,8 +57,9 @@ class AttachError(RuntimeError):
         self.reason = reason
 
 
-@dataclass(frozen=True)
-class Attachment:
+# Immutable records made for every attach: a NamedTuple costs a third of a
+# frozen dataclass to construct (whose __init__ goes through object.__setattr__).
+class Attachment(NamedTuple):
     skill_id: str
     name: str
     pids: tuple[int, ...]
@@ -72,8 +73,7 @@ class Attachment:
                 "layers": dict(self.layers)}
 
 
-@dataclass(frozen=True)
-class AttachRequest:
+class AttachRequest(NamedTuple):
     """One skill to attach (see Hooks.attach_many)."""
     policy: object
     pids: tuple
@@ -157,6 +157,7 @@ class Hooks:
         self._by_cgroup: dict[int, _Skill] = {}
         self._observing = 0  # attached skills with SKILL_FS_OBSERVE
         self._noted: set[str] = set()
+        self._limits_noted: Optional[dict] = None  # limits_applied() of the last "resources:" note
         # <mount>/<subtree>/<skill>/<instance>: the depth `socket cgroupv2 level` matches
         self._skill_level = len(Path(subtree).parts) + 2
         self.nft = None
@@ -439,7 +440,10 @@ class Hooks:
             cgroup.remove()  # still empty
             raise AttachError("cgroup", "no cgroup v2 directory for the skill")
         cg = cgroup.id if cgroup.id is not None else cgroup_id(v2_dir)
-        self._note_once("resources: " + ", ".join(f"{c}: {w}" for c, w in cgroup.limits_applied().items()))
+        applied = cgroup.limits_applied()
+        if applied != self._limits_noted:  # else its text is noted already: not built again
+            self._limits_noted = applied
+            self._note_once("resources: " + ", ".join(f"{c}: {w}" for c, w in applied.items()))
         attachment = Attachment(skill_id, policy.name, tuple(pids), v2_dir, cg, layers)
         skill = _Skill(attachment, cgroup, v2_dir, bpf, bpf.fs_rules, bpf.flags, origins)
         done: list[str] = []
@@ -519,6 +523,7 @@ class Hooks:
         if text not in self._noted:
             if len(self._noted) > 64:
                 self._noted.clear()
+                self._limits_noted = None
             self._noted.add(text)
             self.note(text)
 

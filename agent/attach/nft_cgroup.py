@@ -38,6 +38,8 @@ import ipaddress
 from pathlib import Path
 from typing import Iterable
 
+from agent.attach.nft_netlink import (NFT_MSG_DELSETELEM, NFT_MSG_NEWSETELEM, BatchTemplate, NetlinkError,
+                                      SetElements, cgroup_key, grant_key, range_key)
 from agent.compile.bpf_policy import SKILL_DNS, SKILL_ENFORCE, NetEntry
 from agent.compile.network import ANY_PORT
 
@@ -151,9 +153,6 @@ def hash_changes(cgroup_id: int, flags: int, net4: Iterable[NetEntry], net6: Ite
                  delete: bool = False) -> list[tuple[int, str, list]]:
     """One skill's elements of every set as netlink changes (pure). Membership
     goes last on add and first on delete, like skill_commands."""
-    from agent.attach.nft_netlink import (NFT_MSG_DELSETELEM, NFT_MSG_NEWSETELEM, cgroup_key,
-                                          grant_key, range_key)
-
     op = NFT_MSG_DELSETELEM if delete else NFT_MSG_NEWSETELEM
     me = [cgroup_key(cgroup_id)]
     grants = []
@@ -202,8 +201,6 @@ class NftCgroupTable:
         self._terse = nftables.Nftables()
         self._terse.set_terse_output(True)  # never list elements (see the module doc)
         self._made = False
-        from agent.attach.nft_netlink import SetElements
-
         self._elements = SetElements(table)
         self._templates: dict = {}  # (flags, id(net4), id(net6), delete) -> (net4, net6, BatchTemplate)
 
@@ -246,8 +243,6 @@ class NftCgroupTable:
     def _template(self, flags: int, net4, net6, delete: bool):
         """The batch of hash_changes() for these grants with the cgroup id left
         open, kept per grants object (the same for every skill of a policy)."""
-        from agent.attach.nft_netlink import BatchTemplate
-
         key = (flags, id(net4), id(net6), delete)
         entry = self._templates.get(key)
         if entry is None or entry[0] is not net4 or entry[1] is not net6:
@@ -261,8 +256,6 @@ class NftCgroupTable:
         return entry[2]
 
     def _apply_for(self, cgroup_id: int, flags: int, net4, net6, delete: bool, what: str) -> None:
-        from agent.attach.nft_netlink import NetlinkError
-
         try:
             self._elements.apply_template(self._template(flags, net4, net6, delete), cgroup_id)
         except NetlinkError as exc:
@@ -280,8 +273,6 @@ class NftCgroupTable:
         in one transaction; per skill None or the NftError that refused it. When
         the kernel refuses the transaction (nothing of it applied), each
         skill's elements are written alone, so only the one at fault fails."""
-        from agent.attach.nft_netlink import NetlinkError
-
         errors: list = [None] * len(items)
         ready = []
         for index, (v2_dir, cgroup_id, flags, net4, net6) in enumerate(items):

@@ -1,7 +1,12 @@
 """Processes as /proc shows them: threads, descendants, identity."""
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
+import socket
+
+from agent.enforce.libc import syscall
 
 
 def read_proc(path: str) -> bytes:
@@ -107,12 +112,6 @@ def inet_socket_count(pid: int) -> int:
     Each socket fd is copied into this process with pidfd_getfd(2) (needs
     ptrace access: CAP_SYS_PTRACE) and its family read with SO_DOMAIN;
     /proc/PID/net tables would miss sockets that are not bound yet."""
-    import ctypes
-    import errno
-    import socket
-
-    from agent.enforce.libc import syscall
-
     try:
         fds = os.listdir(f"/proc/{pid}/fd")
     except (FileNotFoundError, PermissionError, ProcessLookupError):

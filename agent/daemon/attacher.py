@@ -7,10 +7,12 @@ the loop. If they cannot load, `register` is refused with the reason
 """
 from __future__ import annotations
 
+import gc
 import time
 from typing import Optional
 
 from agent.daemon import protocol
+from agent.daemon.cgroups import cgroup_populated, rmdir_if_empty
 
 
 class Attacher:
@@ -41,6 +43,9 @@ class Attacher:
             self.problem = f"eBPF hooks failed to load: {exc}"
             self.daemon.log(f"register disabled: {self.problem}")
             return
+        from agent.attach.hooks import AttachRequest
+
+        self._request_type = AttachRequest
         self._lost_seen = 0
         for fd in self.hooks.fds():
             self.daemon.loop.add_reader(fd, self._on_readable)
@@ -110,10 +115,8 @@ class Attacher:
         if self.hooks is None:
             raise protocol.RpcError(protocol.LAYER_UNAVAILABLE,
                                     f"register: {self.problem}; nothing was changed")
-        from agent.attach.hooks import AttachRequest
-
         future = self.daemon.loop.create_future()
-        request = AttachRequest(policy, tuple(pids), tree, tuple(require))
+        request = self._request_type(policy, tuple(pids), tree, tuple(require))
         self._queue.append((skill, request, future, time.monotonic()))
         self._reserved.update(pids)
         self._schedule(0.0)
@@ -214,8 +217,6 @@ class Attacher:
                 except Exception as exc:  # noqa: BLE001
                     problems.append(str(exc))
         # Never kill here: unregistering releases processes, it does not end them.
-        from agent.daemon.cgroups import rmdir_if_empty
-
         problems.extend(rmdir_if_empty(skill.cgroup_paths))
         return problems
 
@@ -226,8 +227,6 @@ class Attacher:
         found it by cgroup id as an orphan. Here it gets its policy back, so
         its fs events are checked against its rules again.
         """
-        from agent.daemon.cgroups import cgroup_populated
-
         if not cgroup_populated(skill.cgroup_paths):
             return "its processes have all exited"
         if self.hooks is None:
@@ -247,8 +246,6 @@ class Attacher:
 
     def alive(self, skill) -> bool:
         """True while any of the skill's cgroups has a member."""
-        from agent.daemon.cgroups import cgroup_populated
-
         return cgroup_populated(skill.cgroup_paths)
 
     def network_counts(self, skill) -> dict:
@@ -286,8 +283,6 @@ def _out_of_young_collections() -> None:
     2,000 registrations with the collector off), so nothing is kept alive by
     this; a full collection every FULL_COLLECTION_S still finds any cycle
     another part of the daemon left among the frozen objects."""
-    import gc
-
     global _last_full_collection
     if time.monotonic() - _last_full_collection > FULL_COLLECTION_S:
         _last_full_collection = time.monotonic()

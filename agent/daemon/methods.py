@@ -7,13 +7,22 @@ before.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import signal as _signal
 import time
 
 from agent.daemon import protocol
+from agent.daemon.policies import load_policy_text
 from agent.daemon.protocol import RpcError, check_known, param
+from agent.daemon.registry import boot_id
 from agent.daemon.skills import Skill, new_id
+
+try:
+    from agent.package import PackageError
+    from agent.package.trust import admit_manifest, admit_package
+except ImportError:  # a build without package support
+    PackageError = admit_manifest = admit_package = None
 
 LAUNCH_START_TIMEOUT_S = 30.0
 
@@ -51,10 +60,6 @@ _POLICY_CACHE_MAX = 256
 
 
 def _load_checked(text: str, source: str):
-    import hashlib
-
-    from agent.daemon.policies import load_policy_text
-
     key = hashlib.sha256(source.encode() + b"\0" + text.encode()).digest()
     cached = _POLICY_CACHE.get(key)
     if cached is None:
@@ -70,13 +75,10 @@ def _load_checked(text: str, source: str):
 
 
 def _admit_manifest(daemon) -> None:
-    try:
-        from agent.package import PackageError
-        from agent.package.trust import admit_manifest
-    except ImportError:
+    if admit_manifest is None:
         if daemon.config.require_signed:
             raise RpcError(protocol.PACKAGE_REFUSED, "require_signed is true and package "
-                                                     "verification is not available") from None
+                                                     "verification is not available")
         return
     try:
         admit_manifest(daemon.config)
@@ -86,11 +88,8 @@ def _admit_manifest(daemon) -> None:
 
 
 def _admit_package(daemon, path: str) -> str:
-    try:
-        from agent.package import PackageError
-        from agent.package.trust import admit_package
-    except ImportError:
-        raise RpcError(protocol.PACKAGE_REFUSED, "packages are not supported by this build") from None
+    if admit_package is None:
+        raise RpcError(protocol.PACKAGE_REFUSED, "packages are not supported by this build")
     try:
         admission = admit_package(path, daemon.config)
     except PackageError as exc:
@@ -147,8 +146,6 @@ async def register(daemon, conn, params, fds):
         if daemon.attacher.reserved(pid):
             raise RpcError(protocol.CONFLICT, f"params.pids: process {pid} is being registered by "
                                               "another request; nothing was changed")
-    from agent.daemon.registry import boot_id
-
     skill = Skill(id=new_id("registered"), kind="registered", name=policy.name, manifest_text=text,
                   source=source, policy=policy, boot_id=boot_id(), required=tuple(require), tree=tree)
     # Attached, recorded and added to the daemon (or refused, nothing changed)
@@ -201,7 +198,7 @@ async def launch(daemon, conn, params, fds):
         caller_policy, caller_skill = _invoke_party(daemon, params, "invoked_by")
         _authorize_invoke(daemon, caller_policy, caller_skill, policy, None, raise_on_refusal=True)
     from agent.daemon.launcher import PLANS, start_supervisor
-    from agent.daemon.registry import boot_id, process_start_time
+    from agent.daemon.registry import process_start_time
     from agent.launch.supervisor import RunOptions
 
     config = daemon.config

@@ -28,6 +28,7 @@ from agent.config import HostConfig
 from agent.daemon import auth, methods, protocol, sdnotify
 from agent.daemon.connection import Connection
 from agent.daemon.skills import Skill
+from agent.enforce.cgroup import ROOT_NAME
 
 SWEEP_INTERVAL_S = 0.1
 SWEEP_BATCH = 10  # registered skills looked at per tick: 100/s, in slices that never stall a request
@@ -367,10 +368,8 @@ class Daemon:
             return None if request.is_notification else protocol.error_line(request.id, error)
         in_skill = None
         if request.method in auth.MUTATING:
-            from agent.enforce.cgroup import ROOT_NAME
-
             # Every skill cgroup (launched or registered) lies below one of these levels.
-            in_skill = auth.peer_skill_cgroup(sender, {ROOT_NAME, self.config.cgroup_subtree})
+            in_skill = auth.peer_skill_cgroup(sender, (ROOT_NAME, self.config.cgroup_subtree))
         if auth.needs_groups(sender, self.group_gid):
             sender = auth.with_groups(sender)
         refusal = auth.decide(request.method, sender, self.group_gid, in_skill)

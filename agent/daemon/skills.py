@@ -31,7 +31,7 @@ def new_id(kind: str) -> str:
     return ("l-" if kind == "launched" else "r-") + token
 
 
-@dataclass
+@dataclass(slots=True)  # one made per request; slots: no per-instance dict to grow to 33 keys
 class Skill:
     id: str
     kind: str  # "launched" | "registered"
