@@ -96,7 +96,7 @@ def request_id_of(error: RpcError):
 
 # Built once (json.dumps would build one per call). Members in the order
 # given: JSON objects are unordered (RFC 8259 section 4), and sorting costs.
-# Messages are trees of fresh dicts and lists, so no cycle check.
+# Messages are trees of dicts and lists with no cycles, so no cycle check.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), check_circular=False)
 
 
