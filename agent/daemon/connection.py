@@ -36,6 +36,7 @@ from agent.daemon import auth, protocol
 MAX_FDS = 3
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: `&` on the IntFlag member costs an enum call per read
 _SCM_RIGHTS = int(socket.SCM_RIGHTS)
+_MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 _SCM_CREDENTIALS = auth.SCM_CREDENTIALS
 _SCM_PIDFD = auth.SCM_PIDFD
 # The kernel puts credentials, then the pidfd, then the descriptors (scm_recv()).
@@ -77,7 +78,9 @@ class Connection:
 
     def _on_readable(self) -> None:
         try:
-            data, ancdata, flags, _ = self.sock.recvmsg(65536, _ANCILLARY_SPACE)
+            # Close-on-exec, so no child the daemon forks and execs (a
+            # supervisor's skill) inherits another caller's fds or pidfd.
+            data, ancdata, flags, _ = self.sock.recvmsg(65536, _ANCILLARY_SPACE, _MSG_CMSG_CLOEXEC)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:

@@ -222,7 +222,8 @@ class Zygote:
 
         while self.sock is not None:
             try:
-                message, ancillary, _flags, _addr = self.sock.recvmsg(256, _socket.CMSG_SPACE(2 * _FD.size))
+                message, ancillary, _flags, _addr = self.sock.recvmsg(256, _socket.CMSG_SPACE(2 * _FD.size),
+                                                                      _socket.MSG_CMSG_CLOEXEC)
             except BlockingIOError:
                 return
             except OSError as exc:

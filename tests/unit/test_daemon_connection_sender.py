@@ -175,6 +175,27 @@ def test_queued_requests_pidfds_are_closed_with_the_connection(pair):
     assert _open_fds() <= before | {str(pair.client.fileno())}
 
 
+def test_received_fds_and_the_senders_pidfd_are_close_on_exec(pair):
+    """A skill the daemon forks and execs must not inherit another caller's
+    fds: what recvmsg installs is O_CLOEXEC (MSG_CMSG_CLOEXEC)."""
+    seen = []
+
+    async def dispatch(conn, line, fds, sender):
+        seen.append(([os.get_inheritable(fd) for fd in fds], os.get_inheritable(sender.pidfd)))
+        return b'{"jsonrpc":"2.0","id":null,"result":{}}\n'
+
+    pair.daemon.dispatch = dispatch
+    fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(2)]
+    try:
+        pair.client.sendmsg([b'{"a":1}\n'], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                              b"".join(fd.to_bytes(4, "little") for fd in fds))])
+    finally:
+        for fd in fds:
+            os.close(fd)
+    _run_until(pair.loop, lambda: seen)
+    assert seen == [([False, False], False)]
+
+
 def test_too_many_fds_closes_them_and_the_pidfd(pair):
     before = _open_fds()
     fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(5)]
