@@ -20,9 +20,17 @@ or nft elements, so it grants nothing; it becomes a skill's cgroup when
 as with a cgroup made on the spot. Spares left by a daemon that was killed
 are removed at the next start (`remove_stale_spares`); the helper dies with
 the daemon (PR_SET_PDEATHSIG).
+
+The helper also opens each spare's `cgroup.procs` files and passes the fds
+with its answer (SCM_RIGHTS), so the move into a spare is a write(2) per
+hierarchy: the path lookups of an open(2) take each hierarchy's kernfs
+rwsem, which the helper's mkdirs hold for writing while they create a
+cgroup's files. The daemon holds at most HELD_FDS_MAX of them; a spare
+without fds is moved into by path, as before.
 """
 from __future__ import annotations
 
+import array
 import errno
 import gc
 import json
@@ -40,7 +48,10 @@ LOW_WATER = 24  # ask for more when a key has fewer spares (made or on their way
 BATCH = 24  # cgroups per request
 CHUNK = 8  # the helper answers as soon as it has made this many, so spares arrive steadily
 MAX_KEYS = 16  # (skill, limits) pairs with spares; the least recently used is dropped
+HELD_FDS_MAX = 512  # cgroup.procs fds of spares the daemon keeps open at most
 _MAX_MESSAGE = 1 << 20
+_FDS_PER_SPARE = 5  # v2 and at most four v1 hierarchies (memory, pids, cpu, freezer)
+_MAX_ANSWER_FDS = CHUNK * _FDS_PER_SPARE  # SCM_MAX_FD is 253 (include/net/scm.h)
 
 
 def new_instance() -> str:
@@ -67,6 +78,7 @@ class CgroupPool:
         self.problem: Optional[str] = None  # why the helper stopped, if it did
         self.made = 0
         self.taken = 0
+        self.held = 0  # cgroup.procs fds of the spares here
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         daemon_pid = os.getpid()
         pid = os.fork()
@@ -97,6 +109,7 @@ class CgroupPool:
         cgroup = None
         if queue:
             cgroup = queue.popleft()
+            self.held -= cgroup.held_fds  # the taker closes them
             self.taken += 1
         if queue is None:
             queue = self.spares[key] = deque()
@@ -133,7 +146,14 @@ class CgroupPool:
             _key, queue = self.spares.popitem(last=False)
             self.pending.pop(_key, None)
             if queue:
-                self._request({"op": "drop", "cgroups": [_paths(c) for c in queue]})
+                self._drop(queue)
+
+    def _drop(self, cgroups) -> None:
+        """Have the helper remove spares this side will not use."""
+        for cgroup in cgroups:
+            self.held -= cgroup.held_fds
+            cgroup.close_held()
+        self._request({"op": "drop", "cgroups": [_paths(c) for c in cgroups]})
 
     def _request(self, message: dict) -> bool:
         """Send a request to the helper; False if it was not sent."""
@@ -151,18 +171,34 @@ class CgroupPool:
     def on_readable(self) -> None:
         while self.sock is not None:
             try:
-                data = self.sock.recv(_MAX_MESSAGE)
+                data, ancdata, flags, _ = self.sock.recvmsg(_MAX_MESSAGE, _ANSWER_ANCILLARY, socket.MSG_CMSG_CLOEXEC)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 self.stop(f"reading from the helper: {exc.strerror or exc}")
                 return
+            fds = _received_fds(ancdata)
             if not data:
+                _close_all(fds)
                 self.stop("the helper exited")
                 return
+            if flags & socket.MSG_CTRUNC:  # not all fds arrived: use none of them
+                _close_all(fds)
+                fds = []
             answer = json.loads(data)
             key = (answer["skill"], tuple(answer["limits"]))
-            made = [SkillCgroup(v2, v1, applied, cg) for v2, v1, applied, cg in answer["made"]]
+            made = []
+            for v2, v1, applied, cg, count in answer["made"]:
+                held, fds = fds[:count], fds[count:]
+                if len(held) != count or self.held + count > HELD_FDS_MAX:
+                    _close_all(held)
+                    held = None
+                cgroup = SkillCgroup(v2, v1, applied, cg, held)
+                if held is not None and not cgroup.held_fds:  # not one fd per hierarchy
+                    _close_all(held)
+                self.held += cgroup.held_fds
+                made.append(cgroup)
+            _close_all(fds)
             left = self.pending.get(key, 0) - len(made) - answer.get("unmade", 0)
             if left > 0:
                 self.pending[key] = left
@@ -172,7 +208,7 @@ class CgroupPool:
             queue = self.spares.get(key)
             if queue is None:  # evicted meanwhile
                 if made:
-                    self._request({"op": "drop", "cgroups": [_paths(c) for c in made]})
+                    self._drop(made)
             else:
                 queue.extend(made)
             if answer.get("error") and not made:
@@ -200,10 +236,11 @@ class CgroupPool:
                 sock.shutdown(socket.SHUT_WR)  # the helper reads EOF
                 sock.settimeout(5.0)
                 while True:
-                    data = sock.recv(_MAX_MESSAGE)
+                    data, ancdata, _flags, _ = sock.recvmsg(_MAX_MESSAGE, _ANSWER_ANCILLARY, socket.MSG_CMSG_CLOEXEC)
+                    _close_all(_received_fds(ancdata))
                     if not data:
                         break  # the helper has exited
-                    for v2, v1, _applied, _id in json.loads(data).get("made", []):
+                    for v2, v1, _applied, _id, _count in json.loads(data).get("made", []):
                         _rmdir_all(list(v1.values()) + [v2])
             except socket.timeout:
                 if self.pid:
@@ -214,14 +251,35 @@ class CgroupPool:
                 sock.close()
         for queue in self.spares.values():
             for cgroup in queue:
+                cgroup.close_held()
                 _rmdir_all(_paths(cgroup))
         self.spares.clear()
+        self.held = 0
         if self.pid:
             try:
                 os.waitpid(self.pid, 0)
             except ChildProcessError:
                 pass
             self.pid = 0
+
+
+_ANSWER_ANCILLARY = socket.CMSG_SPACE(_MAX_ANSWER_FDS * 4)
+
+
+def _received_fds(ancdata) -> list[int]:
+    fds = array.array("i")
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    return list(fds)
+
+
+def _close_all(fds) -> None:
+    for fd in fds or ():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def _paths(cgroup) -> list[str]:
@@ -249,6 +307,8 @@ def _helper(sock: socket.socket, mounts, root: str, daemon_pid: int) -> None:
     # socket object, say) would close an fd number this process reuses.
     # Everything the fork inherited goes to the permanent generation.
     gc.freeze()
+    if os.environ.get("SG_HELPER_NICE"):
+        os.nice(int(os.environ["SG_HELPER_NICE"]))
     # Die with the daemon; it may already be gone (the fork raced its exit).
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != daemon_pid:
@@ -281,33 +341,55 @@ def _helper(sock: socket.socket, mounts, root: str, daemon_pid: int) -> None:
         memory_bytes, cpu, pids = request["limits"]
         limits = LimitValues(memory_bytes, cpu, pids)
         count = int(request["count"])
-        chunk = max(1, int(request.get("chunk", count)))
-        made, error = [], None
+        chunk = min(max(1, int(request.get("chunk", count))), CHUNK)
+        made, fds, error = [], [], None
         for number in range(1, count + 1):
             try:
                 cgroup = SkillCgroup.create(request["skill"], new_instance(), limits, mounts=mounts, root=root)
             except (CgroupError, OSError) as exc:
                 error = str(exc)
             else:
-                made.append([cgroup.v2, cgroup.v1, cgroup.limits_applied(), cgroup.id])
+                opened = _open_procs(cgroup)
+                fds += opened
+                made.append([cgroup.v2, cgroup.v1, cgroup.limits_applied(), cgroup.id, len(opened)])
             # The first at once (a registration may be waiting for it), then by chunks.
             if error is not None or len(made) == chunk or number in (1, count):
                 answer = {"skill": request["skill"], "limits": request["limits"], "made": made,
                           "error": error, "unmade": count - number + (error is not None)}
-                if not _answer(sock, answer):
+                sent = _answer(sock, answer, fds)
+                _close_all(fds)  # the daemon has its own copies now
+                if not sent:
                     return
-                made = []
+                made, fds = [], []
             if error is not None:
                 break
 
 
-def _answer(sock: socket.socket, answer: dict) -> bool:
-    """Send an answer to the daemon; False (and the cgroups in it removed) if it is gone."""
+def _open_procs(cgroup) -> list[int]:
+    """Write fds of the spare's cgroup.procs files, in SkillCgroup._procs_files
+    order; none if one cannot be opened (the daemon then opens them itself)."""
+    fds: list[int] = []
     try:
-        sock.send(json.dumps(answer).encode())
+        for path in cgroup._procs_files:
+            fds.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
+    except OSError:
+        _close_all(fds)
+        return []
+    if len(fds) > _FDS_PER_SPARE:
+        _close_all(fds)
+        return []
+    return fds
+
+
+def _answer(sock: socket.socket, answer: dict, fds: list[int]) -> bool:
+    """Send an answer (and the spares' fds) to the daemon; False (and the
+    cgroups in it removed) if it is gone."""
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    try:
+        sock.sendmsg([json.dumps(answer).encode()], ancillary)
     except OSError as exc:
         if exc.errno in (errno.EPIPE, errno.ECONNRESET):
-            for v2, v1, _applied, _id in answer["made"]:
+            for v2, v1, _applied, _id, _count in answer["made"]:
                 _rmdir_all(list(v1.values()) + [v2])
             return False
         raise

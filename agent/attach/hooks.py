@@ -567,21 +567,24 @@ class Hooks:
         after a move is born inside; one forked before is found on the next pass."""
         moved: list[int] = []
         todo = list(pids)
-        while todo:
-            pid = todo.pop(0)
-            if pid in moved:
-                continue
-            try:
-                if pid not in skill.origins:
-                    skill.origins[pid] = procs.task_cgroups(pid)
-                skill.cgroup.add(pid)
-            except (CgroupError, FileNotFoundError, ProcessLookupError) as exc:
-                if not procs.exists(pid) and pid not in pids:
-                    continue  # a descendant that exited meanwhile
-                raise AttachError("cgroup", f"moving pid {pid}: {exc}") from None
-            moved.append(pid)
-            if tree:
-                todo.extend(c for c in procs.descendants(pid) if c not in moved)
+        try:
+            while todo:
+                pid = todo.pop(0)
+                if pid in moved:
+                    continue
+                try:
+                    if pid not in skill.origins:
+                        skill.origins[pid] = procs.task_cgroups(pid)
+                    skill.cgroup.add(pid)
+                except (CgroupError, FileNotFoundError, ProcessLookupError) as exc:
+                    if not procs.exists(pid) and pid not in pids:
+                        continue  # a descendant that exited meanwhile
+                    raise AttachError("cgroup", f"moving pid {pid}: {exc}") from None
+                moved.append(pid)
+                if tree:
+                    todo.extend(c for c in procs.descendants(pid) if c not in moved)
+        finally:
+            skill.cgroup.close_held()  # a spare's fds from the pool: later moves open the files
         return moved
 
     # ---- detach ----
@@ -593,6 +596,8 @@ class Hooks:
         self._undo(skill, ["maps", "nft", "registered"], moving_out=True)
 
     def _undo(self, skill: _Skill, done: list[str], moving_out: bool = False) -> None:
+        if skill.cgroup is not None:
+            skill.cgroup.close_held()
         cg = skill.attachment.cgroup_id
         errors = []
         if skill.bpf is not None:

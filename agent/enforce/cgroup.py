@@ -228,13 +228,17 @@ def _mounts():
 class SkillCgroup:
     """The cgroup(s) of one running skill instance."""
 
-    def __init__(self, v2_path, v1_paths: dict, applied: dict[str, str], cgroup_id: int | None):
+    def __init__(self, v2_path, v1_paths: dict, applied: dict[str, str], cgroup_id: int | None,
+                 procs_fds: list[int] | None = None):
         self.v2 = posix.fspath(v2_path) if v2_path is not None else None
         self.v1 = {ctrl: posix.fspath(path) for ctrl, path in v1_paths.items()}
         self.id = cgroup_id  # inode of the v2 directory (cgroup id); None without v2
         self._applied = dict(applied)
         # Precomputed so that add() in a forked child only opens and writes.
         self._procs_files = [oslite.join(p, "cgroup.procs") for p in self._all_dirs()]
+        # Write fds of _procs_files opened ahead (by the cgroup pool's helper),
+        # used by add() until close_held(); None: add() opens the files.
+        self._procs_fds = procs_fds if procs_fds and len(procs_fds) == len(self._procs_files) else None
 
     @property
     def v2_path(self):
@@ -391,8 +395,15 @@ class SkillCgroup:
         Safe in a forked child before exec: only open/write/close.
         """
         data = str(pid).encode()
-        for procs in self._procs_files:
+        held = self._procs_fds
+        for index, procs in enumerate(self._procs_files):
             try:
+                if held is not None:
+                    # The write is checked against the opener's credentials
+                    # (cgroup_procs_write_permission() uses of->file->f_cred),
+                    # root's here as in this process.
+                    posix.write(held[index], data)
+                    continue
                 fd = posix.open(procs, posix.O_WRONLY)
                 try:
                     posix.write(fd, data)
@@ -417,6 +428,19 @@ class SkillCgroup:
             return posix.open(self.v2, posix.O_RDONLY | posix.O_DIRECTORY | posix.O_CLOEXEC)
         except OSError as e:
             raise CgroupError("cgroup", f"open {self.v2}: {e.strerror}") from e
+
+    @property
+    def held_fds(self) -> int:
+        return len(self._procs_fds) if self._procs_fds is not None else 0
+
+    def close_held(self) -> None:
+        """Close the cgroup.procs fds opened ahead; add() opens the files from now on."""
+        held, self._procs_fds = self._procs_fds, None
+        for fd in held or ():
+            try:
+                posix.close(fd)
+            except OSError:
+                pass
 
     def pids(self) -> list[int]:
         """Member processes (tgids), from every hierarchy, sorted."""
@@ -542,6 +566,7 @@ class SkillCgroup:
     def remove(self) -> None:
         """Kill members if any, then rmdir the instance directory everywhere and
         the skill's directory where it is left empty. Idempotent."""
+        self.close_held()
         if self.pids():
             self.kill()
         for path in self._all_dirs():

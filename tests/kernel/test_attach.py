@@ -811,6 +811,47 @@ def test_pool_spares_carry_the_limits_and_confine_like_cgroups_made_on_the_spot(
     assert not pool.pid
 
 
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_pool_spares_come_with_their_cgroup_procs_fds_which_the_move_uses_and_closes(hooks, target, tmp_path):
+    from agent.manifest import load_text
+
+    policy = load_text('name: pooledfds\nversion: "1"\n', "pooledfds.yaml").policy
+    before = _open_fds()
+    pool = hooks.start_pool()
+    attachment = None
+    try:
+        pool.take("pooledfds", hooks._plan(policy, True)[2])   # asks the helper for spares
+        spare = _wait_for_spares(pool, "pooledfds")[0]
+        files = spare._procs_files
+        assert spare.held_fds == len(files) >= 2              # one write fd per hierarchy (v2 and v1)
+        for fd, path in zip(spare._procs_fds, files):          # each is that spare's cgroup.procs, for writing
+            assert os.readlink(f"/proc/self/fd/{fd}") == path
+            assert os.get_inheritable(fd) is False and os.stat(fd).st_ino == os.stat(path).st_ino
+        assert pool.held == sum(c.held_fds for c in _spares(pool, "pooledfds"))
+        t = target()
+        attachment = hooks.attach(policy, [t.pid])
+        assert attachment.cgroup_path == spare.v2              # the spare was taken...
+        lines = Path(f"/proc/{t.pid}/cgroup").read_text().splitlines()
+        where = {line.split(":", 2)[1]: line.split(":", 2)[2] for line in lines}
+        for path in files:                                     # ...the process is in every hierarchy of it...
+            assert str(t.pid) in Path(path).read_text().split()
+        assert where[""].endswith(os.path.basename(spare.v2))
+        assert spare.held_fds == 0                             # ...and its fds are closed after the move
+        assert pool.held == sum(c.held_fds for c in _spares(pool, "pooledfds"))
+    finally:
+        if attachment is not None:
+            hooks.detach(attachment.skill_id)
+        hooks.pool.close()
+        hooks.pool = None
+    assert pool.held == 0
+    left_open = [os.readlink(f"/proc/self/fd/{fd}") for fd in _open_fds() - before
+                 if os.path.exists(f"/proc/self/fd/{fd}")]
+    assert not [t for t in left_open if t.endswith("cgroup.procs") or t.startswith("socket:")]  # the pool's are closed
+
+
 def test_pool_falls_back_to_making_cgroups_when_its_helper_is_gone(hooks, target, tmp_path):
     from agent.manifest import load_text
 
