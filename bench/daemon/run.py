@@ -6,11 +6,15 @@
 1. register: 1,000 live processes (`sleep`) registered one after another
    through the socket; registrations/s and p50/p99 latency (client view,
    request written to reply read), with 1,000 skills live at the end; then
-   1,000 more from 4 client processes at once, each sending its next request
-   as soon as its last is answered (the daemon saturated: latency is the
-   queue behind the other clients); then 1,000 more from 4 clients offered
-   at 1,000/s in total (the throughput target: is p99 within 5 ms while
-   serving it?); the daemon's CPU per registration.
+   1,000 more from 4 client processes offered at 1,000/s in total (the
+   throughput target: is p99 within 5 ms while serving it, with 1,000
+   skills live?), beside the same clients and pace sending `list`, which
+   does no kernel work (what this machine gives any request at that rate);
+   then 1,000 more from 4 clients at once, each sending its next request as
+   soon as its last is answered (the daemon saturated: latency is the queue
+   behind the other clients); the daemon's CPU per registration.
+   Before all that, the machine on its own: how often a busy loop loses
+   the CPU for over 1 ms (a VM's vCPU descheduled by its host shows here).
 2. daemon RSS with those 1,000 registered skills live.
 3. pipeline: violation events/s through `Pipeline.publish` (JSON-lines log
    to a file, Prometheus counters, one `events` subscriber), with the
@@ -75,11 +79,12 @@ def register_one(client, pid: int) -> tuple[float, str]:
 def bench_register(daemon, count: int, concurrent_count: int, clients: int, paced_count: int,
                    rate: float) -> dict:
     """`count` registrations one after another over one connection, then
-    `concurrent_count` more from `clients` connections at once (a process
-    each) as fast as they are answered, on top of the `count` live ones, then
-    `paced_count` more from `clients` connections offered at `rate` per
-    second in total. Client view: request written (or due) to reply read.
-    The daemon's CPU time is read around each phase."""
+    `paced_count` more from `clients` connections (a process each) offered
+    at `rate` per second in total, on top of the `count` live ones (and as
+    many `list` requests paced the same way), then `concurrent_count` more
+    from `clients` connections at once as fast as they are answered. Client
+    view: request written (or due) to reply read. The daemon's CPU time is
+    read around each phase."""
     from agent.client import Client, RpcError
 
     sleepers = [subprocess.Popen(["sleep", "600"]) for _ in range(count + concurrent_count + paced_count)]
@@ -102,10 +107,12 @@ def bench_register(daemon, count: int, concurrent_count: int, clients: int, pace
         out["sequential"] = summary(latencies, elapsed, cpu1 - cpu0)
         out["rss_after"] = rss_mib(daemon.proc.pid)
 
-        targets = [proc.pid for proc in sleepers[count:count + concurrent_count]]
-        out["concurrent"], failure = _from_clients(daemon, targets, clients, rate=None)
-        targets = [proc.pid for proc in sleepers[count + concurrent_count:]]
+        out["paced_noop"], _ = _from_clients(daemon, list(range(paced_count)), clients, rate=rate,
+                                             request=_NOOP_REQUEST)
+        targets = [proc.pid for proc in sleepers[count:count + paced_count]]
         out["paced"], failure_paced = _from_clients(daemon, targets, clients, rate=rate)
+        targets = [proc.pid for proc in sleepers[count + paced_count:]]
+        out["concurrent"], failure = _from_clients(daemon, targets, clients, rate=None)
         out["clients"] = clients
         if failure or failure_paced:
             out["failure"] = f"concurrent registration refused: {failure or failure_paced}"
@@ -128,13 +135,23 @@ def bench_register(daemon, count: int, concurrent_count: int, clients: int, pace
             time.sleep(0.2)
 
 
-def _from_clients(daemon, targets: list[int], clients: int, rate) -> tuple[dict, str]:
-    """Register `targets` from `clients` processes at once, each over its own
-    connection: as fast as each can (rate None: every client sends its next
-    request when its last is answered), or paced at `rate` registrations/s
-    in total. (summary, first failure or "")."""
+def _register_request(target: int) -> tuple[str, dict]:
+    return "register", {"pids": [target], "manifest": REGISTER_MANIFEST}
+
+
+def _NOOP_REQUEST(_target: int) -> tuple[str, dict]:
+    return "list", {"skill": "no-such-skill"}
+
+
+def _from_clients(daemon, targets: list[int], clients: int, rate,
+                  request=_register_request) -> tuple[dict, str]:
+    """Register `targets` (or send `request(target)`) from `clients`
+    processes at once, each over its own connection: as fast as each can
+    (rate None: every client sends its next request when its last is
+    answered), or paced at `rate` requests/s in total. (summary, first
+    failure or "")."""
     go_r, go_w = os.pipe()
-    workers = [_client_process(daemon.socket, targets[i::clients], go_r, go_w, i, clients, rate)
+    workers = [_client_process(daemon.socket, targets[i::clients], go_r, go_w, i, clients, rate, request)
                for i in range(clients)]
     os.close(go_r)
     cpu0, start = cpu_ns(daemon.proc.pid), time.perf_counter() + 0.05
@@ -153,7 +170,7 @@ def _from_clients(daemon, targets: list[int], clients: int, rate) -> tuple[dict,
 
 
 def _client_process(socket_path: str, pids: list[int], go: int, go_writer: int, index: int, clients: int,
-                    rate) -> tuple[int, int]:
+                    rate, request) -> tuple[int, int]:
     """A client of its own (a forked process, as each runtime is: client
     threads of one process would add their GIL hand-offs to the latency).
     It reads the start time from `go` (it closes its copy of `go_writer`),
@@ -187,7 +204,7 @@ def _client_process(socket_path: str, pids: list[int], go: int, go_writer: int, 
                 else:
                     t0 = due if rate else now
                 try:
-                    client.call("register", {"pids": [target], "manifest": REGISTER_MANIFEST})
+                    client.call(*request(target))
                     result["latencies"].append(time.perf_counter() - t0)
                 except RpcError as exc:
                     result["failure"] = exc.message
@@ -208,6 +225,21 @@ def summary(latencies: list[float], elapsed: float, cpu: int) -> dict:
     return {"count": n, "per_s": n / elapsed, "p50": percentile(latencies, 50),
             "p99": percentile(latencies, 99), "max": max(latencies),
             "last_100_p99": percentile(latencies[-100:], 99), "cpu_ms": cpu / n / 1e6}
+
+
+def machine_stalls(seconds: float = 3.0) -> dict:
+    """The machine on its own: a busy loop reading the clock, and the gaps
+    in it longer than 1 ms (the loop was not on a CPU: on an idle VM, its
+    vCPU was descheduled by the host)."""
+    stalls = []
+    last = start = time.perf_counter()
+    while last - start < seconds:
+        now = time.perf_counter()
+        if now - last > 1e-3:
+            stalls.append(now - last)
+        last = now
+    return {"per_s": len(stalls) / seconds, "longest": max(stalls, default=0.0),
+            "lost": sum(stalls) / seconds}
 
 
 def bench_rpc(daemon, count: int) -> dict:
@@ -371,10 +403,10 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--skills", type=int, default=1000)
     parser.add_argument("--concurrent", type=int, default=1000,
-                        help="registrations made from --clients connections at once after --skills")
+                        help="registrations made from --clients connections at once after --paced")
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--paced", type=int, default=1000,
-                        help="registrations from --clients connections at --rate in total, after --concurrent")
+                        help="registrations from --clients connections at --rate in total, after --skills")
     parser.add_argument("--rate", type=float, default=1000.0, help="registrations/s offered in the paced part")
     parser.add_argument("--launches", type=int, default=15)
     parser.add_argument("--events", type=int, default=200_000)
@@ -394,6 +426,9 @@ def main() -> int:
     others, launch = {}, {}
     print(f"bench/daemon: {os.cpu_count()} CPUs, kernel {os.uname().release}, "
           f"load average {os.getloadavg()[0]:.2f} at start")
+    stalls = machine_stalls()
+    print(f"machine on its own: a busy loop lost the CPU for over 1 ms {stalls['per_s']:.1f} times/s "
+          f"(longest {stalls['longest'] * 1e3:.2f} ms, {stalls['lost'] * 100:.1f} % of the time)")
     try:
         daemon.start()
         register_ok = daemon.call("status")["register"] == "available"
@@ -427,10 +462,10 @@ def main() -> int:
         if reg["failure"]:
             print(f"register: STOPPED EARLY: {reg['failure']}")
         rows = (("sequential", f"{args.skills - 1} registrations one after another, one connection"),
-                ("concurrent", f"{args.concurrent} registrations from {args.clients} connections at once, "
-                               f"each as fast as it is answered, {args.skills}+ live"),
                 ("paced", f"{args.paced} registrations from {args.clients} connections at once, offered at "
-                          f"{args.rate:.0f}/s in total, {args.skills + args.concurrent}+ live"))
+                          f"{args.rate:.0f}/s in total, {args.skills}+ live"),
+                ("concurrent", f"{args.concurrent} registrations from {args.clients} connections at once, "
+                               f"each as fast as it is answered, {args.skills + args.paced}+ live"))
         for key, label in rows:
             r = reg[key]
             print(f"register, {label}:")
@@ -439,6 +474,11 @@ def main() -> int:
                   f"   (target p99 <= 5 ms: {r['p99'] * 1e3 / 5:.2f}x of target)")
             print(f"  p99 of the last 100: {r['last_100_p99'] * 1e3:6.2f} ms; daemon CPU "
                   f"{r['cpu_ms']:.2f} ms per registration")
+            if key == "paced":
+                noop = reg["paced_noop"]
+                print(f"  beside it, `list` (no kernel work) from the same clients at the same pace: "
+                      f"p50 {noop['p50'] * 1e3:.2f} ms  p99 {noop['p99'] * 1e3:.2f} ms  max "
+                      f"{noop['max'] * 1e3:.2f} ms; register p99 = {r['p99'] / noop['p99']:.1f}x of it")
         print(f"  {reg['live']} skills live at the end")
         print(f"daemon RSS: {reg['rss_before']:.1f} MiB idle, {reg['rss_after']:.1f} MiB with "
               f"{args.skills} registered skills   (target <= 150 MiB: {reg['rss_after'] / 150:.2f}x of target)")
