@@ -25,8 +25,9 @@ The helper also opens each spare's `cgroup.procs` files and passes the fds
 with its answer (SCM_RIGHTS), so the move into a spare is a write(2) per
 hierarchy: the path lookups of an open(2) take each hierarchy's kernfs
 rwsem, which the helper's mkdirs hold for writing while they create a
-cgroup's files. The daemon holds at most HELD_FDS_MAX of them; a spare
-without fds is moved into by path, as before.
+cgroup's files. The daemon holds at most HELD_FDS_MAX of them, and no
+more than an eighth of its RLIMIT_NOFILE; a spare without fds is moved
+into by path, as before.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ import errno
 import gc
 import json
 import os
+import resource
 import secrets
 import signal
 import socket
@@ -79,6 +81,7 @@ class CgroupPool:
         self.made = 0
         self.taken = 0
         self.held = 0  # cgroup.procs fds of the spares here
+        self.held_max = min(HELD_FDS_MAX, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 8)
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         daemon_pid = os.getpid()
         pid = os.fork()
@@ -190,7 +193,7 @@ class CgroupPool:
             made = []
             for v2, v1, applied, cg, count in answer["made"]:
                 held, fds = fds[:count], fds[count:]
-                if len(held) != count or self.held + count > HELD_FDS_MAX:
+                if len(held) != count or self.held + count > self.held_max:
                     _close_all(held)
                     held = None
                 cgroup = SkillCgroup(v2, v1, applied, cg, held)
