@@ -593,6 +593,10 @@ class Hooks:
         skill = self._skills.get(skill_id)
         if skill is None:
             raise AttachError("detach", f"no attached skill {skill_id!r}")
+        # Events of its processes still in the ring buffer (a kill is
+        # submitted before the process dies, so before its cgroup empties)
+        # are read while the cgroup id still names the skill.
+        self.poll(0)
         self._undo(skill, ["maps", "nft", "registered"], moving_out=True)
 
     def _undo(self, skill: _Skill, done: list[str], moving_out: bool = False) -> None:

@@ -518,6 +518,23 @@ def test_kill_on_violation_kills_the_process(hooks, events, target, tmp_path):
         hooks.detach(attachment.skill_id)
 
 
+def test_a_kill_read_after_the_process_is_gone_still_names_its_skill(hooks, events, target, tmp_path):
+    """The daemon detaches a skill when its cgroup empties (inotify); the
+    kill's event may still wait in the ring buffer then. detach() reads the
+    ring first, so the event is reported for the skill, not for a bare
+    cgroup id."""
+    t = target()
+    attachment = hooks.attach(manifest(tmp_path, on_violation="kill"), [t.pid])
+    events.clear()
+    with pytest.raises(EOFError):
+        t.ask(op="open", path="/var/lib/dpkg/status")
+    assert t.proc.wait(5) == -signal.SIGKILL
+    hooks.detach(attachment.skill_id)  # no poll before it: the event is still in the ring
+    _drain(hooks, events, lambda ev: any(e.decision == "killed" for e in ev))
+    killed = [e for e in events if e.decision == "killed"]
+    assert killed and killed[0].skill == attachment.name and killed[0].pid == t.pid
+
+
 def test_tracepoints_only_while_a_skill_needs_them(hooks, target, tmp_path):
     from agent.enforce import bpf_hooks
 
