@@ -175,6 +175,17 @@ def test_queued_requests_pidfds_are_closed_with_the_connection(pair):
     assert _open_fds() <= before | {str(pair.client.fileno())}
 
 
+def _send_with_fds(client, count: int) -> None:
+    """One request line with `count` fds of /dev/null (SCM_RIGHTS)."""
+    fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(count)]
+    try:
+        client.sendmsg([b'{"a":1}\n'], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                         b"".join(fd.to_bytes(4, "little") for fd in fds))])
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def test_received_fds_and_the_senders_pidfd_are_close_on_exec(pair):
     """A skill the daemon forks and execs must not inherit another caller's
     fds: what recvmsg installs is O_CLOEXEC (MSG_CMSG_CLOEXEC)."""
@@ -185,26 +196,14 @@ def test_received_fds_and_the_senders_pidfd_are_close_on_exec(pair):
         return b'{"jsonrpc":"2.0","id":null,"result":{}}\n'
 
     pair.daemon.dispatch = dispatch
-    fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(2)]
-    try:
-        pair.client.sendmsg([b'{"a":1}\n'], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                              b"".join(fd.to_bytes(4, "little") for fd in fds))])
-    finally:
-        for fd in fds:
-            os.close(fd)
+    _send_with_fds(pair.client, 2)
     _run_until(pair.loop, lambda: seen)
     assert seen == [([False, False], False)]
 
 
 def test_too_many_fds_closes_them_and_the_pidfd(pair):
     before = _open_fds()
-    fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(5)]
-    try:
-        pair.client.sendmsg([b'{"a":1}\n'], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                              b"".join(fd.to_bytes(4, "little") for fd in fds))])
-    finally:
-        for fd in fds:
-            os.close(fd)
+    _send_with_fds(pair.client, 5)
     _run_until(pair.loop, lambda: pair.conn.closed)
     assert pair.daemon.seen == []
     assert _open_fds() <= before
