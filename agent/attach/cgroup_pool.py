@@ -174,7 +174,7 @@ class CgroupPool:
     def on_readable(self) -> None:
         while self.sock is not None:
             try:
-                data, ancdata, flags, _ = self.sock.recvmsg(_MAX_MESSAGE, _ANSWER_ANCILLARY, socket.MSG_CMSG_CLOEXEC)
+                data, ancdata, flags, _ = self.sock.recvmsg(_MAX_MESSAGE, _ANSWER_ANCILLARY, _MSG_CMSG_CLOEXEC)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -239,7 +239,7 @@ class CgroupPool:
                 sock.shutdown(socket.SHUT_WR)  # the helper reads EOF
                 sock.settimeout(5.0)
                 while True:
-                    data, ancdata, _flags, _ = sock.recvmsg(_MAX_MESSAGE, _ANSWER_ANCILLARY, socket.MSG_CMSG_CLOEXEC)
+                    data, ancdata, _flags, _ = sock.recvmsg(_MAX_MESSAGE, _ANSWER_ANCILLARY, _MSG_CMSG_CLOEXEC)
                     _close_all(_received_fds(ancdata))
                     if not data:
                         break  # the helper has exited
@@ -267,6 +267,7 @@ class CgroupPool:
 
 
 _ANSWER_ANCILLARY = socket.CMSG_SPACE(_MAX_ANSWER_FDS * 4)
+_MSG_CMSG_CLOEXEC = socket.MSG_CMSG_CLOEXEC  # received fds are close-on-exec: the daemon forks supervisors
 
 
 def _received_fds(ancdata) -> list[int]:
@@ -310,8 +311,6 @@ def _helper(sock: socket.socket, mounts, root: str, daemon_pid: int) -> None:
     # socket object, say) would close an fd number this process reuses.
     # Everything the fork inherited goes to the permanent generation.
     gc.freeze()
-    if os.environ.get("SG_HELPER_NICE"):
-        os.nice(int(os.environ["SG_HELPER_NICE"]))
     # Die with the daemon; it may already be gone (the fork raced its exit).
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != daemon_pid:

@@ -78,8 +78,8 @@ class Connection:
 
     def _on_readable(self) -> None:
         try:
-            # Close-on-exec, so no child the daemon forks and execs (a
-            # supervisor's skill) inherits another caller's fds or pidfd.
+            # Close-on-exec, so nothing the daemon forks and execs (a
+            # supervisor's init) inherits another caller's fds or pidfd.
             data, ancdata, flags, _ = self.sock.recvmsg(65536, _ANCILLARY_SPACE, _MSG_CMSG_CLOEXEC)
         except (BlockingIOError, InterruptedError):
             return
