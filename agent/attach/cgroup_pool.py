@@ -370,14 +370,13 @@ def _helper(sock: socket.socket, mounts, root: str, daemon_pid: int) -> None:
 def _open_procs(cgroup) -> list[int]:
     """Write fds of the spare's cgroup.procs files, in SkillCgroup._procs_files
     order; none if one cannot be opened (the daemon then opens them itself)."""
+    if len(cgroup._procs_files) > _FDS_PER_SPARE:  # more than an answer has room for
+        return []
     fds: list[int] = []
     try:
         for path in cgroup._procs_files:
             fds.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
     except OSError:
-        _close_all(fds)
-        return []
-    if len(fds) > _FDS_PER_SPARE:
         _close_all(fds)
         return []
     return fds
