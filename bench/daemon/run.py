@@ -70,6 +70,60 @@ def cpu_ns(pid: int) -> int:
         return int(fh.read().split()[0])
 
 
+def _children_cpu_ns(pid: int) -> int:
+    """CPU time of the daemon's child processes (the cgroup pool's helper,
+    the launch zygote; not skills, which are not its children here)."""
+    total = 0
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            children = [int(c) for c in fh.read().split()]
+    except OSError:
+        return 0
+    for child in children:
+        try:
+            total += cpu_ns(child)
+        except OSError:
+            pass
+    return total
+
+
+def _machine_busy_ns() -> tuple[int, int]:
+    """(busy, steal) CPU time of the whole machine, all CPUs, in ns, from the
+    first line of /proc/stat (proc(5): user nice system idle iowait irq
+    softirq steal, in USER_HZ ticks)."""
+    with open("/proc/stat") as fh:
+        ticks = [int(x) for x in fh.readline().split()[1:9]]
+    tick_ns = 1e9 / os.sysconf("SC_CLK_TCK")
+    busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6]
+    return int(busy * tick_ns), int(ticks[7] * tick_ns)
+
+
+class CpuBudget:
+    """Where the CPU time of a phase went: the daemon, its helper processes
+    and the clients (they add theirs with `clients()`); and the host's steal
+    (proc(5) /proc/stat: time the hypervisor ran something else while a vCPU
+    had work), read around it."""
+
+    def __init__(self, daemon_pid: int):
+        self.pid = daemon_pid
+        self.client_ns = 0
+        self.start = self._read()
+
+    def _read(self) -> tuple:
+        return (cpu_ns(self.pid), _children_cpu_ns(self.pid), time.process_time_ns(), *_machine_busy_ns(),
+                time.perf_counter_ns())
+
+    def clients(self, ns: int) -> None:
+        self.client_ns += ns
+
+    def stop(self) -> dict:
+        end = self._read()
+        daemon, helpers, own, busy, steal, wall = (b - a for a, b in zip(self.start, end))
+        clients = self.client_ns + own  # own: the bench process, the client of the sequential phase
+        return {"daemon_ns": daemon, "helpers_ns": helpers, "clients_ns": clients, "busy_ns": busy,
+                "steal_ns": steal, "steal_share": steal / (wall * (os.cpu_count() or 1))}
+
+
 def register_one(client, pid: int) -> tuple[float, str]:
     t0 = time.perf_counter()
     reply = client.call("register", {"pids": [pid], "manifest": REGISTER_MANIFEST})
@@ -94,6 +148,7 @@ def bench_register(daemon, count: int, concurrent_count: int, clients: int, pace
         latencies, ids = [], []
         with Client(daemon.socket, timeout=60) as client:
             register_one(client, sleepers[0].pid)  # warm: the first of a manifest compiles it
+            budget = CpuBudget(daemon.proc.pid)
             cpu0, start = cpu_ns(daemon.proc.pid), time.perf_counter()
             for proc in sleepers[1:count]:
                 try:
@@ -104,7 +159,8 @@ def bench_register(daemon, count: int, concurrent_count: int, clients: int, pace
                 latencies.append(latency)
                 ids.append(skill_id)
             elapsed, cpu1 = time.perf_counter() - start, cpu_ns(daemon.proc.pid)
-        out["sequential"] = summary(latencies, elapsed, cpu1 - cpu0)
+            cpu_budget = budget.stop()
+        out["sequential"] = summary(latencies, elapsed, cpu1 - cpu0, cpu_budget)
         out["rss_after"] = rss_mib(daemon.proc.pid)
 
         out["paced_noop"], _ = _from_clients(daemon, list(range(paced_count)), clients, rate=rate,
@@ -154,6 +210,7 @@ def _from_clients(daemon, targets: list[int], clients: int, rate,
     workers = [_client_process(daemon.socket, targets[i::clients], go_r, go_w, i, clients, rate, request)
                for i in range(clients)]
     os.close(go_r)
+    budget = CpuBudget(daemon.proc.pid)
     cpu0, start = cpu_ns(daemon.proc.pid), time.perf_counter() + 0.05
     os.write(go_w, struct.pack("d", start) * clients)  # each client reads its 8 bytes (atomic: PIPE_BUF)
     os.close(go_w)
@@ -163,10 +220,12 @@ def _from_clients(daemon, targets: list[int], clients: int, rate,
             result = json.loads(fh.read() or b'{"failure": "no result"}')
         os.waitpid(pid, 0)
         latencies.extend(result.get("latencies", ()))
+        budget.clients(result.get("cpu_ns", 0))
         if result.get("failure"):
             failures.append(result["failure"])
     elapsed, cpu1 = time.perf_counter() - start, cpu_ns(daemon.proc.pid)
-    return summary(latencies, elapsed, cpu1 - cpu0), (failures[0] if failures else "")
+    return (summary(latencies, elapsed, cpu1 - cpu0, budget.stop()),
+            (failures[0] if failures else ""))
 
 
 def _client_process(socket_path: str, pids: list[int], go: int, go_writer: int, index: int, clients: int,
@@ -195,6 +254,7 @@ def _client_process(socket_path: str, pids: list[int], go: int, go_writer: int, 
         os.close(go_writer)
         with Client(socket_path, timeout=60) as client:
             start = struct.unpack("d", os.read(go, 8))[0]
+            cpu0 = time.process_time_ns()
             for k, target in enumerate(pids):
                 due = start + (k * clients + index) / rate if rate else start
                 now = time.perf_counter()
@@ -209,6 +269,7 @@ def _client_process(socket_path: str, pids: list[int], go: int, go_writer: int, 
                 except RpcError as exc:
                     result["failure"] = exc.message
                     break
+            result["cpu_ns"] = time.process_time_ns() - cpu0
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
         result["failure"] = f"{type(exc).__name__}: {exc}"
     finally:
@@ -217,14 +278,16 @@ def _client_process(socket_path: str, pids: list[int], go: int, go_writer: int, 
         os._exit(0)
 
 
-def summary(latencies: list[float], elapsed: float, cpu: int) -> dict:
+def summary(latencies: list[float], elapsed: float, cpu: int, budget: dict | None = None) -> dict:
     n = len(latencies)
     if not n:
         return {"count": 0, "per_s": 0.0, "p50": 0.0, "p99": 0.0, "max": 0.0, "last_100_p99": 0.0,
-                "cpu_ms": 0.0}
+                "cpu_ms": 0.0, "budget_ms": {}}
     return {"count": n, "per_s": n / elapsed, "p50": percentile(latencies, 50),
             "p99": percentile(latencies, 99), "max": max(latencies),
-            "last_100_p99": percentile(latencies[-100:], 99), "cpu_ms": cpu / n / 1e6}
+            "last_100_p99": percentile(latencies[-100:], 99), "cpu_ms": cpu / n / 1e6,
+            "budget_ms": {k[:-3]: v / n / 1e6 for k, v in (budget or {}).items() if k.endswith("_ns")},
+            "steal_share": (budget or {}).get("steal_share", 0.0)}
 
 
 def machine_stalls(seconds: float = 3.0) -> dict:
@@ -232,14 +295,16 @@ def machine_stalls(seconds: float = 3.0) -> dict:
     in it longer than 1 ms (the loop was not on a CPU: on an idle VM, its
     vCPU was descheduled by the host)."""
     stalls = []
+    steal0 = _machine_busy_ns()[1]
     last = start = time.perf_counter()
     while last - start < seconds:
         now = time.perf_counter()
         if now - last > 1e-3:
             stalls.append(now - last)
         last = now
+    steal = _machine_busy_ns()[1] - steal0
     return {"per_s": len(stalls) / seconds, "longest": max(stalls, default=0.0),
-            "lost": sum(stalls) / seconds}
+            "lost": sum(stalls) / seconds, "steal": steal / (1e9 * (last - start) * (os.cpu_count() or 1))}
 
 
 def bench_rpc(daemon, count: int) -> dict:
@@ -428,7 +493,8 @@ def main() -> int:
           f"load average {os.getloadavg()[0]:.2f} at start")
     stalls = machine_stalls()
     print(f"machine on its own: a busy loop lost the CPU for over 1 ms {stalls['per_s']:.1f} times/s "
-          f"(longest {stalls['longest'] * 1e3:.2f} ms, {stalls['lost'] * 100:.1f} % of the time)")
+          f"(longest {stalls['longest'] * 1e3:.2f} ms, {stalls['lost'] * 100:.1f} % of the time); "
+          f"the host's steal: {stalls['steal'] * 100:.0f} % of the vCPUs' time")
     try:
         daemon.start()
         register_ok = daemon.call("status")["register"] == "available"
@@ -474,11 +540,20 @@ def main() -> int:
                   f"   (target p99 <= 5 ms: {r['p99'] * 1e3 / 5:.2f}x of target)")
             print(f"  p99 of the last 100: {r['last_100_p99'] * 1e3:6.2f} ms; daemon CPU "
                   f"{r['cpu_ms']:.2f} ms per registration")
+            b = r["budget_ms"]
+            if b:
+                spent = b["daemon"] + b["helpers"] + b["clients"]
+                print(f"  CPU per registration: daemon {b['daemon']:.2f} ms + its helpers (cgroup pool, zygote) "
+                      f"{b['helpers']:.2f} + clients {b['clients']:.2f} = {spent:.2f} ms: at 1,000/s, "
+                      f"{spent:.1f} of the {os.cpu_count()} CPUs")
+                print(f"  the host's steal: {r['steal_share'] * 100:.0f} % of the vCPUs' time in this row "
+                      f"({b['steal']:.2f} ms per registration)")
             if key == "paced":
                 noop = reg["paced_noop"]
                 print(f"  beside it, `list` (no kernel work) from the same clients at the same pace: "
                       f"p50 {noop['p50'] * 1e3:.2f} ms  p99 {noop['p99'] * 1e3:.2f} ms  max "
-                      f"{noop['max'] * 1e3:.2f} ms; register p99 = {r['p99'] / noop['p99']:.1f}x of it")
+                      f"{noop['max'] * 1e3:.2f} ms (steal {noop['steal_share'] * 100:.0f} %); register p99 = "
+                      f"{r['p99'] / noop['p99']:.1f}x of it")
         print(f"  {reg['live']} skills live at the end")
         print(f"daemon RSS: {reg['rss_before']:.1f} MiB idle, {reg['rss_after']:.1f} MiB with "
               f"{args.skills} registered skills   (target <= 150 MiB: {reg['rss_after'] / 150:.2f}x of target)")
