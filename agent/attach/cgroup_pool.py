@@ -31,7 +31,6 @@ into by path, as before.
 """
 from __future__ import annotations
 
-import array
 import errno
 import gc
 import json
@@ -44,6 +43,7 @@ from collections import OrderedDict, deque
 from typing import Optional
 
 from agent.enforce.cgroup import SkillCgroup
+from agent.fdpass import FD_SIZE, close_all, fds_of, rights
 
 SPARE_PREFIX = "reg-"
 LOW_WATER = 24  # ask for more when a key has fewer spares (made or on their way) than this
@@ -180,13 +180,13 @@ class CgroupPool:
             except OSError as exc:
                 self.stop(f"reading from the helper: {exc.strerror or exc}")
                 return
-            fds = _received_fds(ancdata)
+            fds = fds_of(ancdata)
             if not data:
-                _close_all(fds)
+                close_all(fds)
                 self.stop("the helper exited")
                 return
             if flags & socket.MSG_CTRUNC:  # not all fds arrived: use none of them
-                _close_all(fds)
+                close_all(fds)
                 fds = []
             answer = json.loads(data)
             key = (answer["skill"], tuple(answer["limits"]))
@@ -194,14 +194,14 @@ class CgroupPool:
             for v2, v1, applied, cg, count in answer["made"]:
                 held, fds = fds[:count], fds[count:]
                 if len(held) != count or self.held + count > self.held_max:
-                    _close_all(held)
+                    close_all(held)
                     held = None
                 cgroup = SkillCgroup(v2, v1, applied, cg, held)
                 if held is not None and not cgroup.held_fds:  # not one fd per hierarchy
-                    _close_all(held)
+                    close_all(held)
                 self.held += cgroup.held_fds
                 made.append(cgroup)
-            _close_all(fds)
+            close_all(fds)
             left = self.pending.get(key, 0) - len(made) - answer.get("unmade", 0)
             if left > 0:
                 self.pending[key] = left
@@ -240,7 +240,7 @@ class CgroupPool:
                 sock.settimeout(5.0)
                 while True:
                     data, ancdata, _flags, _ = sock.recvmsg(_MAX_MESSAGE, _ANSWER_ANCILLARY, _MSG_CMSG_CLOEXEC)
-                    _close_all(_received_fds(ancdata))
+                    close_all(fds_of(ancdata))
                     if not data:
                         break  # the helper has exited
                     for v2, v1, _applied, _id, _count in json.loads(data).get("made", []):
@@ -266,24 +266,8 @@ class CgroupPool:
             self.pid = 0
 
 
-_ANSWER_ANCILLARY = socket.CMSG_SPACE(_MAX_ANSWER_FDS * 4)
+_ANSWER_ANCILLARY = socket.CMSG_SPACE(_MAX_ANSWER_FDS * FD_SIZE)
 _MSG_CMSG_CLOEXEC = socket.MSG_CMSG_CLOEXEC  # received fds are close-on-exec: the daemon forks supervisors
-
-
-def _received_fds(ancdata) -> list[int]:
-    fds = array.array("i")
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-    return list(fds)
-
-
-def _close_all(fds) -> None:
-    for fd in fds or ():
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 def _paths(cgroup) -> list[str]:
@@ -359,7 +343,7 @@ def _helper(sock: socket.socket, mounts, root: str, daemon_pid: int) -> None:
                 answer = {"skill": request["skill"], "limits": request["limits"], "made": made,
                           "error": error, "unmade": count - number + (error is not None)}
                 sent = _answer(sock, answer, fds)
-                _close_all(fds)  # the daemon has its own copies now
+                close_all(fds)  # the daemon has its own copies now
                 if not sent:
                     return
                 made, fds = [], []
@@ -377,7 +361,7 @@ def _open_procs(cgroup) -> list[int]:
         for path in cgroup._procs_files:
             fds.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
     except OSError:
-        _close_all(fds)
+        close_all(fds)
         return []
     return fds
 
@@ -385,9 +369,8 @@ def _open_procs(cgroup) -> list[int]:
 def _answer(sock: socket.socket, answer: dict, fds: list[int]) -> bool:
     """Send an answer (and the spares' fds) to the daemon; False (and the
     cgroups in it removed) if it is gone."""
-    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
     try:
-        sock.sendmsg([json.dumps(answer).encode()], ancillary)
+        sock.sendmsg([json.dumps(answer).encode()], rights(fds))
     except OSError as exc:
         if exc.errno in (errno.EPIPE, errno.ECONNRESET):
             for v2, v1, _applied, _id, _count in answer["made"]:

@@ -39,28 +39,15 @@ from __future__ import annotations
 import _socket
 import marshal
 import os
-import struct
 import sys
+
+from agent.fdpass import FD_SIZE, close_all, fds_of, rights
 
 SPARE_IDLE_MS = 50
 SPARES = 1  # spares the daemon keeps ready
 MAX_MESSAGE = 8 << 20  # bytes; a plan is ~16 KB, larger ones take the daemon's fork
-_FD = struct.Struct("i")
 ZYGOTE_ENV = "SKILLGUARD_LAUNCH_ZYGOTE"  # "0": fork supervisors from the daemon (bench/daemon)
 PRESTART_ENV = "SKILLGUARD_PRESTART_INIT"  # "0": spares start their init at the launch (bench/daemon)
-
-
-def _fds_of(ancillary) -> list:
-    fds = []
-    for level, kind, data in ancillary:
-        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
-            usable = len(data) - len(data) % _FD.size
-            fds.extend(struct.unpack(f"{usable // _FD.size}i", data[:usable]))
-    return fds
-
-
-def _rights(fds) -> list:
-    return [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))] if fds else []
 
 
 def _socketpair():
@@ -173,11 +160,11 @@ class Zygote:
         if plan.get("network") is not None and not self.network_warm:
             self.network_warm = True
             self._send(b"network")
-        rights = _rights(list(stdio) + [userns[key] for key in keys])
+        passed = rights(list(stdio) + [userns[key] for key in keys])
         for _attempt in range(3):
             spare = await self._take(timeout_s)
             try:
-                spare.sock.sendmsg([request], rights)
+                spare.sock.sendmsg([request], passed)
             except OSError:
                 spare.discard()  # it died waiting; the zygote reaps it
                 continue
@@ -222,14 +209,14 @@ class Zygote:
 
         while self.sock is not None:
             try:
-                message, ancillary, _flags, _addr = self.sock.recvmsg(256, _socket.CMSG_SPACE(2 * _FD.size),
+                message, ancillary, _flags, _addr = self.sock.recvmsg(256, _socket.CMSG_SPACE(2 * FD_SIZE),
                                                                       _socket.MSG_CMSG_CLOEXEC)
             except BlockingIOError:
                 return
             except OSError as exc:
                 self._lost(f"receive: {exc.strerror}")
                 return
-            fds = _fds_of(ancillary)
+            fds = fds_of(ancillary)
             if not message:
                 self._lost("it exited")
                 return
@@ -238,8 +225,7 @@ class Zygote:
             except (ValueError, EOFError, TypeError):
                 pid = None
             if not isinstance(pid, int) or len(fds) != 2:
-                for fd in fds:
-                    os.close(fd)
+                close_all(fds)
                 self._lost("a malformed message")
                 return
             spare = _Spare(pid, fds[0], process_start_time(pid), _socket.socket(fileno=fds[1]))
@@ -371,7 +357,7 @@ class _Factory:
         self.children[pidfd] = pid
         self.poller.register(pidfd, select.POLLIN)
         try:
-            self.sock.sendmsg([marshal.dumps(pid)], _rights([pidfd, ours.fileno()]))
+            self.sock.sendmsg([marshal.dumps(pid)], rights([pidfd, ours.fileno()]))
         except OSError:
             pass
         ours.close()
@@ -431,7 +417,7 @@ def _spare_main(sock, supervise) -> int:
     message = b""
     try:
         init = _prestart(sock)
-        message, ancillary, _flags, _addr = sock.recvmsg(MAX_MESSAGE, _socket.CMSG_SPACE(64 * _FD.size))
+        message, ancillary, _flags, _addr = sock.recvmsg(MAX_MESSAGE, _socket.CMSG_SPACE(64 * FD_SIZE))
         for signum in ending:
             signal.signal(signum, signal.SIG_DFL)
     except (OSError, _Ended):
@@ -441,7 +427,7 @@ def _spare_main(sock, supervise) -> int:
             init.discard()
     if not message:
         return 0  # the daemon ended (or we were told to) before a launch came
-    fds = _fds_of(ancillary)
+    fds = fds_of(ancillary)
     sock.close()
     launch_id, fields, cwd, state_root, plan, stdio_count, keys = marshal.loads(message)
     from agent.launch.supervisor import RunOptions

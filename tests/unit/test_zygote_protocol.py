@@ -12,6 +12,7 @@ import os
 import pytest
 
 from agent.daemon import zygote as zyg
+from agent.fdpass import fds_of, rights
 from agent.launch.supervisor import RunOptions
 
 
@@ -39,7 +40,7 @@ class FakeZygote:
     def send_spare(self, alive: bool = True):
         spare_end, daemon_end = zyg._socketpair()
         pidfd = os.pidfd_open(os.getpid())
-        self.sock.sendmsg([marshal.dumps(os.getpid())], zyg._rights([pidfd, daemon_end.fileno()]))
+        self.sock.sendmsg([marshal.dumps(os.getpid())], rights([pidfd, daemon_end.fileno()]))
         os.close(pidfd)
         daemon_end.close()
         if not alive:
@@ -51,7 +52,7 @@ class FakeZygote:
 
 def _request(spare_end):
     message, ancillary, _flags, _addr = spare_end.recvmsg(1 << 20, _socket.CMSG_SPACE(8 * 4))
-    return marshal.loads(message), zyg._fds_of(ancillary)
+    return marshal.loads(message), fds_of(ancillary)
 
 
 @pytest.fixture
