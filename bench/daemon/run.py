@@ -6,10 +6,12 @@
 1. register: 1,000 live processes (`sleep`) registered one after another
    through the socket; registrations/s and p50/p99 latency (client view,
    request written to reply read), with 1,000 skills live at the end; then
-   1,000 more from 4 client processes offered at 1,000/s in total (the
-   throughput target: is p99 within 5 ms while serving it, with 1,000
-   skills live?), beside the same clients and pace sending `list`, which
-   does no kernel work (what this machine gives any request at that rate);
+   1,000 more from 4 client processes offered at 500/s in total, 1,000
+   more at 750/s and 1,000 more at 1,000/s (the throughput target: is p99
+   within 5 ms while serving it, with 1,000+ skills live? and up to which
+   of these rates does it hold on this machine?), the last beside the same
+   clients and pace sending `list`, which does no kernel work (what this
+   machine gives any request at that rate);
    then 1,000 more from 4 clients at once, each sending its next request as
    soon as its last is answered (the daemon saturated: latency is the queue
    behind the other clients). For each: the CPU per registration of the
@@ -27,7 +29,7 @@
    without the zygote; medians of the same number of runs, interleaved.
 
 Run as root with the venv python: `.venv/bin/python bench/daemon/run.py`
-(`--skills N`, `--concurrent N`, `--clients N`, `--paced N`, `--rate R`,
+(`--skills N`, `--concurrent N`, `--clients N`, `--paced N`, `--rates R,R,...`,
 `--launches N`, `--events N` to scale; `--skip launch,pipeline` to leave parts out).
 """
 from __future__ import annotations
@@ -131,17 +133,19 @@ def register_one(client, pid: int) -> tuple[float, str]:
 
 
 def bench_register(daemon, count: int, concurrent_count: int, clients: int, paced_count: int,
-                   rate: float) -> dict:
+                   rates: list) -> dict:
     """`count` registrations one after another over one connection, then
-    `paced_count` more from `clients` connections (a process each) offered
-    at `rate` per second in total, on top of the `count` live ones (and as
-    many `list` requests paced the same way), then `concurrent_count` more
-    from `clients` connections at once as fast as they are answered. Client
+    `paced_count` more for each of `rates` (lowest first) from `clients`
+    connections (a process each) offered at that rate per second in total,
+    on top of the live ones (and, before the highest rate, as many `list`
+    requests paced the same way), then `concurrent_count` more from
+    `clients` connections at once as fast as they are answered. Client
     view: request written (or due) to reply read. The daemon's CPU time is
     read around each phase."""
     from agent.client import Client, RpcError
 
-    sleepers = [subprocess.Popen(["sleep", "600"]) for _ in range(count + concurrent_count + paced_count)]
+    rates = sorted(rates)
+    sleepers = [subprocess.Popen(["sleep", "600"]) for _ in range(count + concurrent_count + paced_count * len(rates))]
     out = {"failure": None}
     try:
         out["rss_before"] = rss_mib(daemon.proc.pid)
@@ -161,15 +165,28 @@ def bench_register(daemon, count: int, concurrent_count: int, clients: int, pace
         out["sequential"] = summary(latencies, elapsed, cpu_budget)
         out["rss_after"] = rss_mib(daemon.proc.pid)
 
-        out["paced_noop"], _ = _from_clients(daemon, list(range(paced_count)), clients, rate=rate,
-                                             request=_NOOP_REQUEST)
-        targets = [proc.pid for proc in sleepers[count:count + paced_count]]
-        out["paced"], failure_paced = _from_clients(daemon, targets, clients, rate=rate)
-        targets = [proc.pid for proc in sleepers[count + paced_count:]]
+        out["paced_at"], failures = {}, []
+        taken = count
+        for rate in rates:
+            # Each paced row starts settled, as the highest does after its
+            # `list` row: the pool's helper has refilled what the row before
+            # took at full speed, so a row measures its rate, not the tail of
+            # the burst before it.
+            time.sleep(1.0)
+            if rate == rates[-1]:
+                out["paced_noop"], _ = _from_clients(daemon, list(range(paced_count)), clients, rate=rate,
+                                                     request=_NOOP_REQUEST)
+            targets = [proc.pid for proc in sleepers[taken:taken + paced_count]]
+            taken += paced_count
+            out["paced_at"][rate], failure = _from_clients(daemon, targets, clients, rate=rate)
+            failures.append(failure)
+        out["paced"] = out["paced_at"][rates[-1]]
+        targets = [proc.pid for proc in sleepers[taken:]]
         out["concurrent"], failure = _from_clients(daemon, targets, clients, rate=None)
+        failures.append(failure)
         out["clients"] = clients
-        if failure or failure_paced:
-            out["failure"] = f"concurrent registration refused: {failure or failure_paced}"
+        if any(failures):
+            out["failure"] = f"concurrent registration refused: {next(f for f in failures if f)}"
         with Client(daemon.socket) as client:
             out["live"] = len(client.call("list")["skills"])
         return out
@@ -443,6 +460,20 @@ OTHER_DAEMONS = {"  spare, init at the launch": ("SKILLGUARD_PRESTART_INIT", "0"
                  "  daemon forks (no zygote)": ("SKILLGUARD_LAUNCH_ZYGOTE", "0")}
 
 
+def _print_rates(paced_at: dict, count: int, clients: int, live: int) -> None:
+    """One line per offered rate of the paced rows, and at which of them p99 met 5 ms."""
+    print(f"register, {count} registrations from {clients} connections at once at each offered rate "
+          f"(lowest first, {live}+ live before the first):")
+    met_at, missed_at = [], []
+    for rate, r in sorted(paced_at.items()):
+        met = r["p99"] <= 0.005
+        (met_at if met else missed_at).append(f"{rate:.0f}/s")
+        print(f"  offered {rate:6.0f}/s: served {r['per_s']:6.0f}/s  p50 {r['p50'] * 1e3:6.2f} ms  "
+              f"p99 {r['p99'] * 1e3:6.2f} ms  daemon CPU {r['budget_ms'].get('daemon', 0):.2f} ms/registration  "
+              f"steal {r['steal_share'] * 100:.0f} %  {'p99 <= 5 ms' if met else 'p99 OVER 5 ms'}")
+    print(f"  p99 <= 5 ms met at: {', '.join(met_at) or 'none'}; missed at: {', '.join(missed_at) or 'none'}")
+
+
 def start_other_daemon(make_root, DaemonProcess, name: str, value: str):
     """Another daemon for the launch part, started with `name`=`value`."""
     saved = os.environ.get(name)
@@ -469,7 +500,9 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--paced", type=int, default=1000,
                         help="registrations from --clients connections at --rate in total, after --skills")
-    parser.add_argument("--rate", type=float, default=1000.0, help="registrations/s offered in the paced part")
+    parser.add_argument("--rates", default="500,750,1000",
+                        help="comma-separated registrations/s offered in the paced parts (--paced at each); "
+                             "the highest is the one `list` is paced beside")
     parser.add_argument("--launches", type=int, default=15)
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--rpc", type=int, default=2000, help="round trips per JSON-RPC case")
@@ -478,6 +511,7 @@ def main() -> int:
     parser.add_argument("--skip", default="", help="comma-separated parts to leave out: launch, pipeline")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
+    rates = sorted(float(r) for r in args.rates.split(",") if r.strip())
     if os.geteuid() != 0:
         print("bench/daemon: needs root", file=sys.stderr)
         return 1
@@ -496,7 +530,7 @@ def main() -> int:
         daemon.start()
         register_ok = daemon.call("status")["register"] == "available"
         rpc = bench_rpc(daemon, args.rpc)
-        reg = (bench_register(daemon, args.skills, args.concurrent, args.clients, args.paced, args.rate)
+        reg = (bench_register(daemon, args.skills, args.concurrent, args.clients, args.paced, rates)
                if register_ok else None)
         if "launch" not in skip:
             if not args.no_other_daemons:
@@ -526,11 +560,13 @@ def main() -> int:
             print(f"register: STOPPED EARLY: {reg['failure']}")
         rows = (("sequential", f"{args.skills - 1} registrations one after another, one connection"),
                 ("paced", f"{args.paced} registrations from {args.clients} connections at once, offered at "
-                          f"{args.rate:.0f}/s in total, {args.skills}+ live"),
+                          f"{rates[-1]:.0f}/s in total, {args.skills + args.paced * (len(rates) - 1)}+ live"),
                 ("concurrent", f"{args.concurrent} registrations from {args.clients} connections at once, "
-                               f"each as fast as it is answered, {args.skills + args.paced}+ live"))
+                               f"each as fast as it is answered, {args.skills + args.paced * len(rates)}+ live"))
         for key, label in rows:
             r = reg[key]
+            if key == "paced" and len(rates) > 1:
+                _print_rates(reg["paced_at"], args.paced, args.clients, args.skills)
             print(f"register, {label}:")
             print(f"  {r['per_s']:8.0f} registrations/s   (target >= 1000: {r['per_s'] / 1000:.2f}x of target)")
             print(f"  p50 {r['p50'] * 1e3:6.2f} ms  p99 {r['p99'] * 1e3:6.2f} ms  max {r['max'] * 1e3:6.2f} ms"
