@@ -135,7 +135,7 @@ def register_one(client, pid: int) -> tuple[float, str]:
 def bench_register(daemon, count: int, concurrent_count: int, clients: int, paced_count: int,
                    rates: list) -> dict:
     """`count` registrations one after another over one connection, then
-    `paced_count` more for each of `rates` (lowest first) from `clients`
+    `paced_count` more for each of `rates` (ascending) from `clients`
     connections (a process each) offered at that rate per second in total,
     on top of the live ones (and, before the highest rate, as many `list`
     requests paced the same way), then `concurrent_count` more from
@@ -144,7 +144,6 @@ def bench_register(daemon, count: int, concurrent_count: int, clients: int, pace
     read around each phase."""
     from agent.client import Client, RpcError
 
-    rates = sorted(rates)
     sleepers = [subprocess.Popen(["sleep", "600"]) for _ in range(count + concurrent_count + paced_count * len(rates))]
     out = {"failure": None}
     try:
@@ -499,7 +498,7 @@ def main() -> int:
                         help="registrations made from --clients connections at once after --paced")
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--paced", type=int, default=1000,
-                        help="registrations from --clients connections at --rate in total, after --skills")
+                        help="registrations from --clients connections at each of --rates in total, after --skills")
     parser.add_argument("--rates", default="500,750,1000",
                         help="comma-separated registrations/s offered in the paced parts (--paced at each); "
                              "the highest is the one `list` is paced beside")
