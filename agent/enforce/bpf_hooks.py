@@ -21,10 +21,12 @@ in their own maps; `load()` lists such directories in `LoadedHooks.stale`.
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import os
 import struct
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -236,31 +238,40 @@ def _attach_cgroup_links(hooks: LoadedHooks) -> None:
 
 
 def tracepoints_attached(hooks: LoadedHooks) -> bool:
-    return any(os.path.exists(f"{hooks.pin_dir}/link_tp_{name}") for _, name in TRACEPOINT_PROGRAMS)
+    """Every tracepoint's link is pinned (a crash half-way through an attach leaves only some)."""
+    return all(os.path.exists(f"{hooks.pin_dir}/link_tp_{name}") for _, name in TRACEPOINT_PROGRAMS)
 
 
 def attach_tracepoints(hooks: LoadedHooks) -> None:
-    """Attach (or re-point, after a restart) the syscall tracepoints; pinned like the cgroup links."""
+    """Attach the syscall tracepoints that have no pinned link; pinned like the cgroup links.
+
+    A link pinned already (an earlier agent's, after a restart) is kept with
+    its program: perf-event links have no update_prog (BPF_LINK_UPDATE gives
+    EINVAL), and that program reads the same pinned maps.
+    """
     done = []
     try:
         for fn, name in TRACEPOINT_PROGRAMS:
             pin = f"link_tp_{name}"
             path = f"{hooks.pin_dir}/{pin}"
+            if pin in hooks.link_fds:
+                continue
             try:
                 link = bpf_sys.obj_get(path)
-                bpf_sys.link_update(link, hooks.tp_prog_fds[fn])
             except FileNotFoundError:
-                event = _perf_tracepoint(_tracepoint_id(name))
+                link = _tracepoint_link(hooks, fn, name)
                 try:
-                    link = bpf_sys.link_create(hooks.tp_prog_fds[fn], event, bpf_sys.BPF_PERF_EVENT)
-                finally:
-                    os.close(event)  # the link holds the perf event
-                bpf_sys.obj_pin(link, path)
+                    bpf_sys.obj_pin(link, path)
+                except OSError:
+                    os.close(link)
+                    raise
+                done.append(pin)
             hooks.link_fds[pin] = link
-            done.append(pin)
-    except OSError as exc:
+    except (OSError, BpfError) as exc:
         for pin in done:
             _drop_link(hooks, pin)
+        if isinstance(exc, BpfError):
+            raise
         raise BpfError(f"attaching syscall tracepoints: {exc.strerror or exc}") from None
 
 
@@ -269,7 +280,39 @@ def detach_tracepoints(hooks: LoadedHooks) -> None:
         _drop_link(hooks, f"link_tp_{name}")
 
 
+# A perf-event link cannot be detached (bpf_perf_link_lops has no .detach:
+# BPF_LINK_DETACH gives EOPNOTSUPP); it leaves the tracepoint once its last
+# reference is gone, and then from a workqueue (kernel/bpf/syscall.c
+# bpf_link_put()). Until that work has run, the program is still in the
+# tracepoint's array and attaching the same program again gives EEXIST
+# (kernel/bpf/core.c bpf_prog_array_copy()); by then the link has no
+# reference left to take back (BPF_LINK_GET_FD_BY_ID gives ENOENT).
+# On 6.18 (2 vCPUs) a few in a hundred attaches made at once after a detach
+# met EEXIST, each for under 3 ms; the bound only keeps a stuck kernel from
+# holding the agent.
+RELEASE_WAIT_S = 1.0
+
+
+def _tracepoint_link(hooks: LoadedHooks, fn: str, name: str) -> int:
+    event = _perf_tracepoint(_tracepoint_id(name))
+    try:
+        deadline = time.monotonic() + RELEASE_WAIT_S
+        while True:
+            try:
+                return bpf_sys.link_create(hooks.tp_prog_fds[fn], event, bpf_sys.BPF_PERF_EVENT)
+            except OSError as exc:
+                if exc.errno != errno.EEXIST:
+                    raise
+                if time.monotonic() > deadline:
+                    raise BpfError(f"attaching {fn}: the link it had until just now is still being "
+                                   f"released by the kernel after {RELEASE_WAIT_S:g}s (EEXIST)") from None
+                time.sleep(0.0005)
+    finally:
+        os.close(event)  # the link holds the perf event
+
+
 def _drop_link(hooks: LoadedHooks, pin: str) -> None:
+    """Detach (cgroup links can; perf-event links cannot), close and unpin."""
     path = f"{hooks.pin_dir}/{pin}"
     fd = hooks.link_fds.pop(pin, None)
     if fd is None:

@@ -551,6 +551,57 @@ def test_tracepoints_only_while_a_skill_needs_them(hooks, target, tmp_path):
     hooks.detach(quiet.skill_id)
 
 
+def test_tracepoints_attach_again_at_once_after_a_detach(hooks):
+    # A perf-event link leaves its tracepoint from a kernel workqueue after
+    # the unpin; attaching the same program before that gave EEXIST.
+    from agent.enforce import bpf_hooks
+
+    assert not bpf_hooks.tracepoints_attached(hooks.loaded)
+    try:
+        for _ in range(100):
+            bpf_hooks.attach_tracepoints(hooks.loaded)
+            assert bpf_hooks.tracepoints_attached(hooks.loaded)
+            bpf_hooks.detach_tracepoints(hooks.loaded)
+    finally:
+        bpf_hooks.detach_tracepoints(hooks.loaded)
+    assert not bpf_hooks.tracepoints_attached(hooks.loaded)
+
+
+def test_an_observing_skill_right_after_the_last_one_left_is_observed_once(hooks, events, target, tmp_path):
+    t = target(cwd=tmp_path)
+    for _ in range(10):
+        attachment = hooks.attach(manifest(tmp_path), [t.pid])
+        assert attachment.layers["fs-observe"] == "active"
+        hooks.detach(attachment.skill_id)
+    attachment = hooks.attach(manifest(tmp_path), [t.pid])
+    try:
+        hooks.poll(0)
+        events.clear()
+        assert _ok(t.ask(op="open", path=str(tmp_path / "secret.txt")))
+        _drain(hooks, events, lambda ev: any(e.layer == "fs" for e in ev))
+        hooks.poll(200)  # a second program on the tracepoint would add a second event
+        fs = [e for e in events if e.layer == "fs" and e.pid == t.pid]
+        assert [e.operation for e in fs] == [str(tmp_path / "secret.txt")]
+    finally:
+        hooks.detach(attachment.skill_id)
+
+
+def test_a_half_attached_set_of_tracepoints_is_completed(hooks):
+    # An agent killed half-way through attaching leaves some links pinned;
+    # the next one must not take them for the whole set.
+    from agent.enforce import bpf_hooks
+
+    bpf_hooks.attach_tracepoints(hooks.loaded)
+    try:
+        first = f"link_tp_{bpf_hooks.TRACEPOINT_PROGRAMS[0][1]}"
+        bpf_hooks._drop_link(hooks.loaded, first)
+        assert not bpf_hooks.tracepoints_attached(hooks.loaded)
+        bpf_hooks.attach_tracepoints(hooks.loaded)
+        assert bpf_hooks.tracepoints_attached(hooks.loaded)
+    finally:
+        bpf_hooks.detach_tracepoints(hooks.loaded)
+
+
 def test_lost_events_are_counted(hooks, target, tmp_path):
     t = target()
     attachment = hooks.attach(manifest(tmp_path), [t.pid])
