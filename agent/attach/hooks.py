@@ -156,6 +156,7 @@ class Hooks:
         self._skills: dict[str, _Skill] = {}
         self._by_cgroup: dict[int, _Skill] = {}
         self._observing = 0  # attached skills with SKILL_FS_OBSERVE
+        self.tracepoints_busy = False  # attach_tracepoints() runs in another thread
         self._noted: set[str] = set()
         self._limits_noted: Optional[dict] = None  # limits_applied() of the last "resources:" note
         # <mount>/<subtree>/<skill>/<instance>: the depth `socket cgroupv2 level` matches
@@ -449,11 +450,7 @@ class Hooks:
         done: list[str] = []
         try:
             if bpf.flags & SKILL_FS_OBSERVE and not self._tracepoints_attached():
-                try:
-                    bpf_hooks.attach_tracepoints(self.loaded)
-                except bpf_hooks.BpfError as exc:
-                    raise AttachError("fs-observe", str(exc)) from None
-                self._tracepoints_on = True
+                self.attach_tracepoints()
             try:
                 self.maps.install(cg, bpf)  # all entries or none
             except OSError as exc:
@@ -670,11 +667,30 @@ class Hooks:
             self._tracepoints_on = bpf_hooks.tracepoints_attached(self.loaded)
         return self._tracepoints_on
 
+    def tracepoints_wanted(self, requests: Sequence["AttachRequest"]) -> bool:
+        """Some of these requests observe files and the syscall tracepoints are not attached."""
+        return any(r.observe_fs for r in requests) and not self._tracepoints_attached()
+
+    def attach_tracepoints(self) -> None:
+        """Attach the syscall tracepoints ahead of the attaches that need them.
+
+        Right after the last observing skill left, the kernel is still
+        unregistering them from a workqueue, one RCU grace period each under
+        the trace event mutex, and perf_event_open waits for it (75-175 ms
+        through the daemon). So the daemon runs this in a worker thread (the
+        waits are in syscalls, without the GIL) with `tracepoints_busy` set
+        on the loop until it is done: no detach runs meanwhile."""
+        try:
+            bpf_hooks.attach_tracepoints(self.loaded)
+        except bpf_hooks.BpfError as exc:
+            raise AttachError("fs-observe", str(exc)) from None
+        self._tracepoints_on = True
+
     def _maybe_stop_tracepoints(self) -> None:
         # Counted here, not read back from the `skills` map: every skill in
         # the map is in self._skills (orphans are adopted at start), and a
         # scan of the map per detach made detaching 1,000 skills take 20 s.
-        if self._observing > 0:
+        if self._observing > 0 or self.tracepoints_busy:
             return
         self._tracepoints_on = None
         bpf_hooks.detach_tracepoints(self.loaded)

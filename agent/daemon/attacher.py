@@ -25,6 +25,8 @@ class Attacher:
         self._reserved: set[int] = set()  # their pids
         self._flush = None  # the loop's handle of the next batch
         self._flush_at = 0.0
+        self._tracepoints = None  # while a worker thread attaches the syscall tracepoints: its future
+        self._worker = None
         try:
             import agent.attach  # noqa: F401
         except ImportError as exc:
@@ -133,6 +135,8 @@ class Attacher:
 
     def _attach_queued(self) -> None:
         self._flush = None
+        if self._tracepoints is not None:
+            return  # _tracepoints_done() comes back to the queue
         queue, self._queue = self._queue, []
         # Registrations whose cgroup the pool's helper is still making wait for
         # it (up to SPARE_WAIT_S, then it is made here): making it here at once
@@ -153,6 +157,10 @@ class Attacher:
         if self._queue:
             self._schedule(max(0.0, SPARE_WAIT_S - (now - self._queue[0][3])) + 0.001)
         if not batch:
+            return
+        if self.hooks.tracepoints_wanted([request for _skill, request, _f, _since in batch]):
+            self._queue[:0] = batch
+            self._start_tracepoints()
             return
         try:
             results = self.hooks.attach_many([request for _skill, request, _f, _since in batch])
@@ -180,6 +188,36 @@ class Attacher:
         finally:
             for _skill, request, _future, _since in batch:
                 self._reserved.difference_update(request.pids)
+
+    def _start_tracepoints(self) -> None:
+        """Attach the syscall tracepoints in a worker thread (see Hooks.attach_tracepoints:
+        the kernel can make that wait for 100 ms and more); the registrations that
+        need them wait in the queue, every other request is served meanwhile."""
+        import asyncio
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="tracepoints")
+        self.hooks.tracepoints_busy = True
+        self._tracepoints = asyncio.wrap_future(self._worker.submit(self.hooks.attach_tracepoints),
+                                                loop=self.daemon.loop)
+        self._tracepoints.add_done_callback(self._tracepoints_done)
+
+    def _tracepoints_done(self, future) -> None:
+        self._tracepoints = None
+        self.hooks.tracepoints_busy = False
+        exc = None if future.cancelled() else future.exception()
+        if exc is not None:  # refused with the reason; not tried again on the loop
+            waiting, self._queue = self._queue, []
+            for entry in waiting:
+                request = entry[1]
+                if request.observe_fs:
+                    _fail(entry[2], _refusal(exc))
+                    self._reserved.difference_update(request.pids)
+                else:
+                    self._queue.append(entry)
+        if self._queue:
+            self._schedule(0.0)
 
     def _record(self, attached: list) -> None:
         """Record and add attached skills (one journal write), then answer them.
@@ -264,6 +302,8 @@ class Attacher:
         for fd in self._readers:
             self.daemon.loop.remove_reader(fd)
         self._readers.clear()
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)  # a tracepoint attach finishes before the hooks close
         if self.hooks is not None:
             self.hooks.close(unload=False)
 
