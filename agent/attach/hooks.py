@@ -676,7 +676,7 @@ class Hooks:
 
         Right after the last observing skill left, the kernel is still
         unregistering them from a workqueue, one RCU grace period each under
-        the trace event mutex, and perf_event_open waits for it (75-175 ms
+        the trace event mutex, and perf_event_open waits for it (50-175 ms
         through the daemon). So the daemon runs this in a worker thread (the
         waits are in syscalls, without the GIL) with `tracepoints_busy` set
         on the loop until it is done: no detach runs meanwhile."""

@@ -139,10 +139,11 @@ def bench_register(daemon, count: int, concurrent_count: int, clients: int, pace
                    rates: list) -> dict:
     """`count` registrations one after another over one connection, then
     `paced_count` more for each of `rates` (ascending) from `clients`
-    connections (a process each) offered at that rate per second in total,
-    on top of the live ones (and, before the highest rate, as many `list`
-    requests paced the same way), then `concurrent_count` more from
-    `clients` connections at once as fast as they are answered. Client
+    connections (a process each) offered at that rate per second in total
+    (and, before the highest rate, as many `list` requests paced the same
+    way), then `concurrent_count` more from `clients` connections at once as
+    fast as they are answered; each of those rows with only the first
+    `count` live (see _unregister_all_but). Client
     view: request written (or due) to reply read. The daemon's CPU time is
     read around each phase."""
     from agent.client import Client, RpcError
